@@ -1,0 +1,91 @@
+import math
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+
+def check_gamma(gamma: float) -> None:
+    """Raise a `ValueError` unless `gamma` is a real number (NaN would silently disable the gate)."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or math.isnan(gamma):
+        raise ValueError(
+            f"`gamma` must be a real number, got {gamma!r}. A prompt whose performance P satisfies P <= gamma is "
+            "trained with SFT on its demonstration; use gamma < 0 to never gate and gamma >= 1 to always gate."
+        )
+
+
+@dataclass
+class HPTConfig(GRPOConfig):
+    r"""
+    Configuration class for the [`HPTTrainer`].
+
+    [`HPTConfig`] inherits every parameter from [`~trl.GRPOConfig`] and only changes three defaults to the settings of
+    the HPT paper ([Towards a Unified View of Large Language Model Post-Training](https://huggingface.co/papers/2509.04419)):
+    the RL term is Dr. GRPO, i.e. `loss_type="dr_grpo"` (constant length normalizer) with `scale_rewards="none"` (no
+    std scaling of the advantages), and no KL penalty (`beta=0.0`).
+
+    For each prompt, HPT samples `num_generations` rollouts, scores them, and computes the prompt's performance P as
+    the mean score. A prompt with `P <= gamma` is trained with SFT on its demonstration (alpha=0, beta=1 in the
+    paper's Algorithm 1); every other prompt with the RL loss (alpha=1, beta=0).
+
+    Parameters:
+        gamma (`float`, *optional*, defaults to `0.0`):
+            Gate threshold. A prompt with performance `P <= gamma` is trained with SFT on its demonstration, otherwise
+            with RL. With 0/1 rewards, `0.0` means "SFT only when every rollout failed" (the paper's Qwen setting) and
+            `0.25` with 8 rollouts means "at most 2 correct" (its LLaMA setting). `gamma < 0` never gates (pure
+            GRPO), `gamma >= 1` always gates (pure SFT). P is compared with a tolerance of `1e-6`.
+        sft_loss_coef (`float`, *optional*, defaults to `1.0`):
+            Coefficient of the SFT term (the demonstration NLL) in the total loss.
+        demonstration_column (`str`, *optional*, defaults to `"completion"`):
+            Dataset column holding each prompt's demonstration: a string, or a conversational list of messages such as
+            `[{"role": "assistant", "content": "..."}]`. The default follows TRL's prompt-completion convention, so
+            the same dataset serves [`~trl.SFTTrainer`] and [`HPTTrainer`].
+        performance_reward (`str` or `None`, *optional*, defaults to `None`):
+            Name of the reward function that defines P (see `reward_func_names` on the trainer, e.g.
+            `"accuracy_reward"`). If `None`, P uses the weighted sum of all reward functions, as TRL's logged
+            `reward`. P is the mean over the prompt's scored rollouts (a `None` reward leaves a rollout unscored); a
+            prompt with no scored rollout has P = NaN and is not gated, unless `gamma >= 1`.
+        max_demonstration_length (`int` or `None`, *optional*, defaults to `None`):
+            Maximum number of demonstration tokens (the prompt is not counted). Longer demonstrations are truncated,
+            with a one-time warning at construction that says how many. `None` keeps them whole.
+    """
+
+    # Paper defaults for the RL term (Dr. GRPO, no KL)
+    loss_type: str = field(
+        default="dr_grpo",
+        metadata={"help": "Loss of the RL term. HPT uses Dr. GRPO ('dr_grpo'); any GRPOConfig loss type works."},
+    )
+    scale_rewards: str = field(
+        default="none",
+        metadata={"help": "Advantage scaling. HPT (Dr. GRPO) uses 'none': no std scaling."},
+    )
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient. HPT uses 0.0."})
+
+    # HPT parameters
+    gamma: float = field(
+        default=0.0,
+        metadata={
+            "help": "Gate threshold: a prompt with performance P <= gamma is trained with SFT on its demonstration, "
+            "otherwise with RL. gamma < 0 never gates, gamma >= 1 always gates."
+        },
+    )
+    sft_loss_coef: float = field(default=1.0, metadata={"help": "Coefficient of the SFT term."})
+    demonstration_column: str = field(
+        default="completion",
+        metadata={"help": "Dataset column holding each prompt's demonstration (text or assistant messages)."},
+    )
+    performance_reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "Name of the reward function that defines P. Default: the weighted sum of all reward functions."
+        },
+    )
+    max_demonstration_length: int | None = field(
+        default=None,
+        metadata={"help": "Truncate demonstrations to this many tokens (with a one-time warning). None: no limit."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_gamma(self.gamma)
+        if self.max_demonstration_length is not None and self.max_demonstration_length < 1:
+            raise ValueError(f"`max_demonstration_length` must be positive or None, got {self.max_demonstration_length}.")

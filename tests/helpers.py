@@ -1,0 +1,65 @@
+"""Small datasets, rewards and configs shared by the tests."""
+
+from datasets import Dataset
+
+from hpt_trl import HPTConfig
+
+
+def addition_dataset(conversational: bool = False, size: int = 4) -> Dataset:
+    """Prompts `a+b=` with distinct demonstrations; prompts with even `a` are the "always solved" half."""
+    rows = []
+    for index in range(size):
+        a, b = index, (3 * index + 1) % 10
+        prompt, demonstration = f"{a}+{b}=", f"{a}+{b}={a + b}"
+        if conversational:
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "completion": [{"role": "assistant", "content": demonstration}],
+                    "solution": str(a + b),
+                }
+            )
+        else:
+            rows.append({"prompt": prompt, "completion": demonstration, "solution": str(a + b)})
+    return Dataset.from_list(rows)
+
+
+def prompt_text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def is_always_solved(prompt) -> bool:
+    return int(prompt_text(prompt).split("+")[0]) % 2 == 0
+
+
+def half_solved_reward(prompts, completions, **kwargs):
+    """1 for every rollout of an even-`a` prompt, 0 for every rollout of an odd one."""
+    return [1.0 if is_always_solved(prompt) else 0.0 for prompt in prompts]
+
+
+def mixed_reward(prompts, completions, **kwargs):
+    """Odd-`a` prompts always score 0 (gated at gamma=0); even-`a` rollouts score 0.5 or 1 by their characters."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [0.5 + 0.5 * (sum(map(ord, t)) % 2) if is_always_solved(p) else 0.0 for p, t in zip(prompts, texts)]
+
+
+def tiny_args(output_dir, config_class=HPTConfig, **overrides):
+    values = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        num_generations=2,
+        max_completion_length=8,
+        max_steps=3,
+        logging_steps=1,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        seed=0,
+        loss_type="dr_grpo",
+        scale_rewards="none",
+        beta=0.0,
+    )
+    values.update(overrides)
+    return config_class(**values)
