@@ -13,6 +13,10 @@ def check_gamma(gamma: float) -> None:
         )
 
 
+ALGORITHMS = ("hpt", "sft", "grpo", "luffy", "srft")
+GATES = ("switch", "linear")
+
+
 @dataclass
 class HPTConfig(GRPOConfig):
     r"""
@@ -47,6 +51,35 @@ class HPTConfig(GRPOConfig):
         max_demonstration_length (`int` or `None`, *optional*, defaults to `None`):
             Maximum number of demonstration tokens (the prompt is not counted). Longer demonstrations are truncated,
             with a one-time warning at construction that says how many. `None` keeps them whole.
+
+        > Baselines and feedback functions (see `docs/upge.md`)
+
+        algorithm (`str`, *optional*, defaults to `"hpt"`):
+            Post-training algorithm, all on the same data pipeline so that the paper's comparison is one flag:
+            - `"hpt"`: the gate below;
+            - `"sft"`: SFT on every demonstration (rollouts are still sampled and scored, for the reward metric);
+            - `"grpo"`: RL only (TRL's loss, no demonstration);
+            - `"luffy"`: each prompt's demonstration replaces one of its rollouts as an off-policy member of the group
+              (advantage over the `n-1` rollouts plus the demonstration), trained with LUFFY's policy shaping
+              `pi/(pi+luffy_shaping_gamma)` and no clip;
+            - `"srft"`: SFT on every demonstration weighted by `0.5*exp(-H)` and RL on the rollouts with advantage
+              `0.1*exp(H)` for correct ones and `-1` for the others (SRFT's entropy-aware weighting, H the policy's
+              mean token entropy on the sequence).
+        gate (`str`, *optional*, defaults to `"switch"`):
+            Feedback function `(alpha, beta) = (f(P), g(P))` of `algorithm="hpt"`: `"switch"` (the paper: `(0, 1)` if
+            `P <= gamma`, else `(1, 0)`) or `"linear"` (`beta` falls linearly from 1 at `P <= gamma` to 0 at
+            `P >= gate_linear_upper`, `alpha = 1 - beta`). A callable can be passed to the trainer as
+            `gate_function`.
+        gate_linear_upper (`float`, *optional*, defaults to `0.5`):
+            Upper threshold of the `"linear"` gate.
+        gamma_off (`float` or `None`, *optional*, defaults to `None`):
+            Middle band of the authors' "2-stage switch": a prompt with `gamma < P <= gamma_off` keeps its rollouts on
+            RL and also trains its demonstration with off-policy RL (UPGE's `offline` preset: `pi_ref = 1`, no clip),
+            with the advantage it gets as one more member of its group. `None` disables the band.
+        demonstration_reward (`float`, *optional*, defaults to `1.0`):
+            Reward given to a demonstration when it joins a group (`"luffy"`, middle band).
+        luffy_shaping_gamma (`float`, *optional*, defaults to `0.1`):
+            LUFFY's policy-shaping constant.
     """
 
     # Paper defaults for the RL term (Dr. GRPO, no KL)
@@ -84,8 +117,28 @@ class HPTConfig(GRPOConfig):
         metadata={"help": "Truncate demonstrations to this many tokens (with a one-time warning). None: no limit."},
     )
 
+    algorithm: str = field(
+        default="hpt", metadata={"help": "One of 'hpt', 'sft', 'grpo', 'luffy', 'srft'.", "choices": ALGORITHMS}
+    )
+    gate: str = field(default="switch", metadata={"help": "HPT feedback function: 'switch' or 'linear'."})
+    gate_linear_upper: float = field(default=0.5, metadata={"help": "Upper threshold of the 'linear' gate."})
+    gamma_off: float | None = field(
+        default=None,
+        metadata={"help": "Middle band: gamma < P <= gamma_off also trains the demonstration with off-policy RL."},
+    )
+    demonstration_reward: float = field(default=1.0, metadata={"help": "Reward of a demonstration in a group."})
+    luffy_shaping_gamma: float = field(default=0.1, metadata={"help": "LUFFY's policy-shaping constant."})
+
     def __post_init__(self):
         super().__post_init__()
         check_gamma(self.gamma)
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"`algorithm` must be one of {ALGORITHMS}, got {self.algorithm!r}.")
+        if self.gate not in GATES:
+            raise ValueError(f"`gate` must be one of {GATES} (or pass `gate_function` to the trainer), got {self.gate!r}.")
+        if self.gate == "linear" and not self.gate_linear_upper > self.gamma:
+            raise ValueError(f"`gate_linear_upper` ({self.gate_linear_upper}) must be greater than `gamma` ({self.gamma}).")
+        if self.gamma_off is not None and not self.gamma_off > self.gamma:
+            raise ValueError(f"`gamma_off` ({self.gamma_off}) must be greater than `gamma` ({self.gamma}).")
         if self.max_demonstration_length is not None and self.max_demonstration_length < 1:
             raise ValueError(f"`max_demonstration_length` must be positive or None, got {self.max_demonstration_length}.")

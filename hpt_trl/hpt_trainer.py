@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import textwrap
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,8 +12,9 @@ from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id, pad
 
 from .demonstrations import demonstration_token_ids, validate_demonstrations
-from .gate import performance_per_prompt, sft_gate
+from .gate import ESTIMATORS, GATE_TOLERANCE, linear_gate, mixed_group_advantages, rollout_scores, switch_gate
 from .hpt_config import HPTConfig, check_gamma
+from .upge import PRESETS, get_preset, srft_advantages, srft_weights
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,9 @@ class HPTTrainer(GRPOTrainer):
             As in [`~trl.GRPOTrainer`].
         args ([`HPTConfig`], *optional*):
             Configuration. If `None`, a default [`HPTConfig`] is used.
+        gate_function (`Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]`, *optional*):
+            A custom feedback function for `algorithm="hpt"`: maps P per prompt (NaN where unscored) to
+            `(alpha, beta)` per prompt, the weights of the RL and SFT terms. Overrides `args.gate`.
 
     Metrics (in the usual Trainer logs): `hpt/sft_fraction` (share of prompts gated in the generation batch),
     `hpt/performance_mean` (mean P), `hpt/demo_tokens` (demonstration tokens in the generation batch), `hpt/sft_loss`
@@ -90,7 +95,15 @@ class HPTTrainer(GRPOTrainer):
             }"""),
     }
 
-    def __init__(self, model, reward_funcs=None, args: HPTConfig | None = None, train_dataset=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: HPTConfig | None = None,
+        train_dataset=None,
+        gate_function: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        **kwargs,
+    ):
         if args is None:
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = HPTConfig(f"{model_name.split('/')[-1]}-HPT")
@@ -114,6 +127,11 @@ class HPTTrainer(GRPOTrainer):
         if args.max_demonstration_length is not None:
             self._warn_about_long_demonstrations(train_dataset)
         self._gathered_rewards_per_func = None
+        self.gate_function = gate_function
+        self._demonstration_presets = {
+            "offline": PRESETS["offline"],
+            "luffy": get_preset("luffy", gamma=args.luffy_shaping_gamma),
+        }
         self.gate_history: list[dict] = []
 
     def _resolve_performance_reward(self, name: str | None) -> int | None:
@@ -158,34 +176,85 @@ class HPTTrainer(GRPOTrainer):
             return output
         return self._apply_gate(inputs, output)
 
+    def _plan(self, performance: torch.Tensor, scores: torch.Tensor) -> dict[str, Any]:
+        """Per-prompt UPGE plan: rollout weights, demonstration weights and advantages, estimator labels."""
+        args, num_prompts, n = self.args, performance.numel(), self.num_generations
+        ones, zeros = torch.ones(num_prompts), torch.zeros(num_prompts)
+        plan = {"alpha": ones, "sft": zeros, "offline": zeros, "luffy": zeros, "rollout_advantages": None,
+                "drop_last_rollout": False, "labels": ["rl"] * num_prompts}
+        performance, grouped_scores = performance.cpu(), scores.view(-1, n).cpu()
+        if args.algorithm == "sft":
+            plan.update(alpha=zeros, sft=ones, labels=["sft"] * num_prompts)
+        elif args.algorithm == "srft":
+            plan.update(sft=ones, labels=["srft"] * num_prompts)
+        elif args.algorithm == "luffy":
+            keep = torch.ones(num_prompts, n, dtype=torch.bool)
+            keep[:, -1] = False  # the demonstration takes the last rollout's place
+            rollout_advantages, demo_advantages = mixed_group_advantages(
+                grouped_scores, args.demonstration_reward, args.scale_rewards == "group", keep
+            )
+            plan.update(luffy=demo_advantages, rollout_advantages=rollout_advantages, drop_last_rollout=True,
+                        labels=["luffy"] * num_prompts)
+        elif args.algorithm == "hpt":
+            if self.gate_function is not None:
+                alpha, beta = self.gate_function(performance)
+            elif args.gate == "linear":
+                alpha, beta = linear_gate(performance, args.gamma, args.gate_linear_upper)
+            else:
+                alpha, beta = switch_gate(performance, args.gamma)
+            alpha, beta = torch.as_tensor(alpha, dtype=torch.float32), torch.as_tensor(beta, dtype=torch.float32)
+            labels = ["sft" if b == 1 and a == 0 else "rl" if b == 0 else "mixed" for a, b in zip(alpha, beta)]
+            plan.update(alpha=alpha, sft=beta, labels=labels)
+            if args.gamma_off is not None:
+                band = (beta == 0) & (performance > args.gamma) & (performance <= args.gamma_off + GATE_TOLERANCE)
+                rollout_advantages, demo_advantages = mixed_group_advantages(
+                    grouped_scores, args.demonstration_reward, args.scale_rewards == "group"
+                )
+                plan["offline"] = torch.where(band, demo_advantages, zeros)
+                plan["rollout_advantages"] = torch.where(band.unsqueeze(1), rollout_advantages, torch.nan)
+                plan["labels"] = ["offline" if in_band else label for in_band, label in zip(band, labels)]
+        return plan
+
     def _apply_gate(self, inputs: list[dict[str, Any]], output: dict[str, Any]) -> dict[str, Any]:
-        device = self.accelerator.device
-        num_generations = self.num_generations
-        performance = performance_per_prompt(
-            self._gathered_rewards_per_func, self.reward_weights, num_generations, self._performance_index
-        )
-        gated = sft_gate(performance, self.args.gamma)  # one decision per prompt, the same on every process
+        device, n = self.accelerator.device, self.num_generations
+        scores = rollout_scores(self._gathered_rewards_per_func, self.reward_weights, self._performance_index)
+        performance = torch.nanmean(scores.view(-1, n), dim=1)
+        plan = self._plan(performance, scores)  # one plan per prompt, the same on every process
 
         # Rows of this process, as indices into the gathered generation batch (prompt g owns rows g*n ... g*n+n-1)
         start = self.accelerator.process_index * len(inputs)
-        global_rows = torch.arange(start, start + len(inputs), device=device)
-        row_gated = gated.to(device)[global_rows // num_generations]
-        owns_demonstration = row_gated & (global_rows % num_generations == 0)  # the prompt's first rollout
+        global_rows = torch.arange(start, start + len(inputs))
+        prompt_of_row, position_in_group = global_rows // n, global_rows % n
+        row_alpha = plan["alpha"][prompt_of_row]
+        if plan["drop_last_rollout"]:
+            row_alpha = row_alpha * (position_in_group != n - 1)
+        demo_weights = {key: plan[key][prompt_of_row] for key in ("sft", "offline", "luffy")}
+        has_demonstration = (plan["sft"] != 0) | (plan["offline"] != 0) | (plan["luffy"] != 0)
+        owns_demonstration = has_demonstration[prompt_of_row] & (position_in_group == 0)  # the first rollout's row
 
-        self._record_gate(inputs, global_rows, performance, gated)
+        self._record_gate(inputs, global_rows, performance, plan)
         metrics = self._metrics["train"]
-        metrics["hpt/sft_fraction"].append(gated.float().mean().item())
+        metrics["hpt/sft_fraction"].append((plan["sft"] > 0).float().mean().item())
         metrics["hpt/performance_mean"].append(torch.nanmean(performance).item())
-        if not gated.any():
+        for estimator in ESTIMATORS:
+            metrics[f"hpt/estimator/{estimator}"].append(plan["labels"].count(estimator) / len(plan["labels"]))
+
+        # alpha: weight of each rollout in TRL's RL loss, through its per-token loss mask (normalizers unchanged)
+        if (row_alpha != 1).any():
+            loss_mask = output.get("tool_mask")
+            loss_mask = torch.ones_like(output["completion_mask"]) if loss_mask is None else loss_mask
+            output["tool_mask"] = loss_mask * row_alpha.unsqueeze(1).to(device)
+        if plan["rollout_advantages"] is not None:
+            override = plan["rollout_advantages"].reshape(-1)[global_rows].to(device)
+            output["advantages"] = torch.where(torch.isnan(override), output["advantages"], override)
+        if self.args.algorithm == "srft":
+            output["advantages"] = self._srft_rollout_advantages(output, scores[global_rows].to(device))
+
+        if not has_demonstration.any():
             metrics["hpt/demo_tokens"].append(0.0)
             return output
 
-        # alpha = 0: drop the gated prompts' rollouts from TRL's RL loss through its per-token loss mask
-        loss_mask = output.get("tool_mask")
-        loss_mask = torch.ones_like(output["completion_mask"]) if loss_mask is None else loss_mask
-        output["tool_mask"] = loss_mask * (~row_gated).unsqueeze(1).to(loss_mask.dtype)
-
-        # beta = 1: one demonstration per gated prompt, stored on its first rollout's row so that TRL's shuffle and
+        # Demonstrations: one per prompt that trains one, stored on its first rollout's row so that TRL's shuffle and
         # split carry it into the right micro-batch
         max_length = self.args.max_demonstration_length
         demonstrations = [
@@ -197,14 +266,28 @@ class HPTTrainer(GRPOTrainer):
         if demo_ids.size(1) == 0:  # no demonstration on this process: keep one column for the placeholder row
             demo_ids = torch.full((len(inputs), 1), self._tokenizer.pad_token_id, dtype=torch.long)
             demo_mask = torch.zeros_like(demo_ids)
-        demo_tokens = self.accelerator.reduce(demo_mask.sum().to(device), reduction="sum")
+        sft_tokens = (demo_mask.sum(dim=1) * (owns_demonstration & (demo_weights["sft"] > 0))).sum()
+        demo_tokens = self.accelerator.reduce(sft_tokens.to(device), reduction="sum")
         metrics["hpt/demo_tokens"].append(demo_tokens.item())
-        output["demo_ids"] = demo_ids.to(device)
-        output["demo_mask"] = demo_mask.to(device)
+        output["demo_ids"], output["demo_mask"] = demo_ids.to(device), demo_mask.to(device)
+        for key, weight in demo_weights.items():
+            output[f"demo_{key}_weight"] = (weight * owns_demonstration).to(device)
         output["demo_tokens_in_batch"] = demo_tokens  # 0-dim: TRL's shuffle and split leave it whole
         return output
 
-    def _record_gate(self, inputs, global_rows, performance, gated) -> None:
+    @torch.no_grad()
+    def _srft_rollout_advantages(self, output: dict[str, Any], scores: torch.Tensor) -> torch.Tensor:
+        """SRFT's RL weights: `0.1*exp(H)` for correct rollouts, `-1` for the others (H: the sequence's entropy)."""
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        _, entropies, _ = self._get_per_token_logps_and_entropies(
+            self.model, input_ids, attention_mask, output["completion_ids"].size(1),
+            batch_size=self.args.per_device_train_batch_size, compute_entropy=True,
+        )
+        is_demo = torch.zeros_like(scores, dtype=torch.bool)
+        return srft_advantages(entropies, is_demo, scores > 0, output["completion_mask"])
+
+    def _record_gate(self, inputs, global_rows, performance, plan) -> None:
         first_rollouts = (global_rows % self.num_generations == 0).tolist()
         prompts = [_prompt_id(example["prompt"]) for example, first in zip(inputs, first_rollouts) if first]
         prompts = gather_object(prompts) if self.accelerator.num_processes > 1 else prompts
@@ -212,7 +295,8 @@ class HPTTrainer(GRPOTrainer):
             "step": self.state.global_step,
             "prompt_ids": prompts,
             "performance": [None if p != p else round(p, 6) for p in performance.tolist()],
-            "gated": gated.tolist(),
+            "gated": (plan["sft"] > 0).tolist(),
+            "estimator": plan["labels"],
         }
         self.gate_history.append(record)
         if self.accelerator.is_main_process:
@@ -230,27 +314,44 @@ class HPTTrainer(GRPOTrainer):
         return loss
 
     def _demonstration_loss(self, model, inputs: dict[str, Any]) -> torch.Tensor:
-        """Sum of the demonstrations' token NLL in this micro-batch, normalized like TRL's `"dapo"` loss."""
+        """The demonstrations' UPGE terms in this micro-batch: SFT (`sft` preset) and off-policy RL (`offline`,
+        `luffy` presets)."""
         demo_mask = inputs["demo_mask"]
         rows = demo_mask.any(dim=1).nonzero().squeeze(1)
         if rows.numel() == 0:
             # A zero-weight placeholder row: every process must run the same forward passes (ZeRO-3 gathers the
             # sharded parameters in each one)
             rows = torch.zeros(1, dtype=torch.long, device=demo_mask.device)
-        demo_ids, demo_mask = inputs["demo_ids"][rows], demo_mask[rows]
+        demo_ids, demo_mask = inputs["demo_ids"][rows], demo_mask[rows].float()
         input_ids = torch.cat([inputs["prompt_ids"][rows], demo_ids], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"][rows], demo_mask], dim=1)
-        logps, _, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, demo_ids.size(1), batch_size=self.args.per_device_train_batch_size
+        attention_mask = torch.cat([inputs["prompt_mask"][rows], demo_mask.long()], dim=1)
+        srft = self.args.algorithm == "srft"
+        logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, demo_ids.size(1),
+            batch_size=self.args.per_device_train_batch_size, compute_entropy=srft,
         )
-        nll_sum = -(logps * demo_mask).sum()
 
-        # Token mean over the whole generation batch; DDP averages over processes, and one optimizer step spans
-        # gradient_accumulation_steps of the generation batch's steps_per_generation micro-batches.
+        # SFT: token NLL, normalized by the demonstration tokens of the whole generation batch; DDP averages over
+        # processes, and one optimizer step spans gradient_accumulation_steps of its steps_per_generation micro-batches
+        # (TRL's "dapo" normalizer)
+        sft_weight = inputs["demo_sft_weight"][rows]
+        if srft:
+            sft_weight = sft_weight * srft_weights(entropies, demo_mask)[0]
+        nll = PRESETS["sft"].per_token_loss(logps) * demo_mask
         normalizer = inputs["demo_tokens_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        loss = (nll.sum(dim=1) * sft_weight).sum() / normalizer
 
-        totals = self.accelerator.reduce(torch.stack([nll_sum.detach(), demo_mask.sum().float()]), reduction="sum")
+        # Off-policy RL on demonstrations, normalized as one more rollout under Dr. GRPO's constant normalizer
+        for preset in ("offline", "luffy"):
+            advantages = inputs[f"demo_{preset}_weight"][rows]
+            if advantages.any():
+                per_token = self._demonstration_presets[preset].per_token_loss(logps, advantages=advantages)
+                rollout_normalizer = self.args.per_device_train_batch_size * self.args.max_completion_length
+                loss = loss + (per_token * demo_mask).sum() / (rollout_normalizer * self.current_gradient_accumulation_steps)
+
+        trained = demo_mask * (sft_weight > 0).unsqueeze(1)
+        totals = self.accelerator.reduce(torch.stack([nll.detach().mul(trained).sum(), trained.sum()]), reduction="sum")
         if totals[1] > 0:
             self._metrics["train"]["hpt/sft_loss"].append((totals[0] / totals[1]).item())
-        return nll_sum / normalizer
+        return loss

@@ -1,0 +1,438 @@
+r"""A math verifier reward (0/1) that never hangs, built on TRL's `accuracy_reward` (math-verify).
+
+The check is `trl.rewards.accuracy_reward`'s (math-verify; the answer must be in `\boxed{}` or follow "final answer
+is"), except that shorthand LaTeX like `\frac12` is accepted unless `strict=True`. What this module adds:
+
+- **A deadline that works off the main thread.** math-verify's own timeouts use `signal.alarm`, which TRL switches off
+  outside the main thread, so one pathological completion could stall a training step forever. Here every item is
+  verified in a small pool of worker processes, each with a per-item deadline; an item that runs past it scores `0.0`
+  and its worker is killed and replaced.
+- **Input guards.** Only the last `max_chars` characters of a completion are looked at (the final answer is at the
+  end), and a completion whose braces nest deeper than `max_brace_depth` scores `0.0` without being parsed.
+- **Bare gold answers.** Gold answers such as `\frac{1}{3}` or `\left( 3, \frac{\pi}{2} \right)` are wrapped in
+  `\boxed{}` before parsing, since math-verify misreads most of them bare. A gold answer that still cannot be parsed
+  (for example an empty one) gives `None`: the rollout is unscored.
+
+**Prompts whose rollouts are all unscored.** TRL turns `None` into NaN, and a group of NaN rewards gets zero advantage.
+The HPT trainer computes the prompt's success rate P over scored rollouts only; when none is scored, P is NaN and the
+prompt is *not* gated: it stays on the RL branch (where those rollouts contribute no gradient) instead of switching to
+SFT on the demonstration. See `docs/evaluation.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+
+logger = logging.getLogger(__name__)
+
+_READY = "ready"
+_UNPARSEABLE = "[unparseable]"
+
+
+def _completion_text(completion) -> str:
+    """Text of a completion given as a string or as a conversational list of messages."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return str(completion.get("content") or "")
+    if isinstance(completion, (list, tuple)) and completion:
+        assistant = [m for m in completion if isinstance(m, dict) and m.get("role", "assistant") == "assistant"]
+        message = (assistant or list(completion))[-1]
+        return str(message.get("content") or "") if isinstance(message, dict) else str(message)
+    return ""
+
+
+def normalize_gold(solution) -> str | None:
+    r"""Return the gold answer as a string math-verify can parse, or `None` when there is none.
+
+    A full solution (one that already has `\boxed`, `$...$`, `\(...\)` or `\[...\]`) is kept as is; a bare answer such as
+    `\frac{1}{3}` is wrapped in `\boxed{}`.
+    """
+    if isinstance(solution, (list, tuple)):  # verl-style `ground_truth` lists
+        solution = solution[0] if solution else None
+    if solution is None:
+        return None
+    text = str(solution).strip()
+    if not text:
+        return None
+    unescaped_dollar = any(ch == "$" and (i == 0 or text[i - 1] != "\\") for i, ch in enumerate(text))
+    if "\\boxed" in text or "\\(" in text or "\\[" in text or unescaped_dollar:
+        return text
+    return "\\boxed{" + text + "}"
+
+
+def _brace_depth(text: str) -> int:
+    depth = best = 0
+    for ch in text:
+        if ch == "{":
+            depth += 1
+            best = max(best, depth)
+        elif ch == "}":
+            depth = max(depth - 1, 0)
+    return best
+
+
+def _check(completion: str, gold: str, strict: bool = False, inner_timeout: int | None = None) -> tuple:
+    r"""Verify one item. Returns `(reward, gold_parsed, answer_parsed)`.
+
+    With `strict=True` this is exactly `trl.rewards.accuracy_reward`. By default the answer is parsed with the same
+    settings except that shorthand LaTeX such as `\frac12` or `\sqrt2` is accepted (math-verify's default
+    normalization): TRL rejects it, which scores about 1% of MATH's own reference solutions 0. `inner_timeout` is
+    math-verify's own (signal-based) timeout in seconds, used only on the main thread.
+    """
+    if strict:
+        from trl.rewards import accuracy_reward
+
+        extra = {}
+        reward = accuracy_reward(
+            [[{"role": "assistant", "content": completion}]],
+            [gold],
+            log_extra=lambda name, values: extra.__setitem__(name, values[0]),
+        )[0]
+        return reward, str(extra.get("gold_parsed", ""))[:200], str(extra.get("answer_parsed", ""))[:200]
+
+    from latex2sympy2_extended import NormalizationConfig
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    if threading.current_thread() is not threading.main_thread():
+        inner_timeout = None  # signal.alarm only works on the main thread
+    gold_parsed = parse(gold, parsing_timeout=inner_timeout)
+    if not gold_parsed:
+        return None, _UNPARSEABLE, "[skipped]"
+    normalization = NormalizationConfig(basic_latex=True, units=True, malformed_operators=True, nits=True, boxed="all")
+    extraction = LatexExtractionConfig(
+        normalization_config=normalization, boxed_match_priority=0, try_extract_without_anchor=False
+    )
+    answer_parsed = parse(
+        completion, extraction_config=[extraction], extraction_mode="first_match", parsing_timeout=inner_timeout
+    )
+    reward = float(verify(gold_parsed, answer_parsed, timeout_seconds=inner_timeout))
+    return reward, str(gold_parsed)[:200], (str(answer_parsed) if answer_parsed else _UNPARSEABLE)[:200]
+
+
+def _worker_main() -> None:
+    """Loop of a verifier process: one JSON request `[completion, gold]` per stdin line, one JSON reply per line."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    for name in ("math_verify", "latex2sympy2_extended"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # timeouts log the whole (huge) input
+    import math_verify  # noqa: F401  (import before saying ready, so the deadline does not count it)
+    import trl.rewards  # noqa: F401
+
+    print(_READY, flush=True)
+    for line in sys.stdin:
+        try:
+            reply = _check(*json.loads(line))
+        except Exception:  # noqa: BLE001  (a crash inside math-verify scores 0, like a timeout)
+            reply = (0.0, "[error]", "[error]")
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+class _Worker:
+    """One verifier process, started as `python rewards.py` so that it imports neither `hpt_trl` nor `__main__`."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", os.path.abspath(__file__)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
+
+    def wait_ready(self, timeout: float) -> bool:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.proc.stdout, selectors.EVENT_READ)
+            if not selector.select(timeout):
+                return False
+        return self.proc.stdout.readline().strip() == _READY
+
+    def send(self, item: tuple[str, str]) -> None:
+        self.proc.stdin.write(json.dumps(item) + "\n")
+        self.proc.stdin.flush()
+
+    def receive(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise EOFError("verifier process died")
+        return tuple(json.loads(line))
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=1)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _close_all(workers: list[_Worker]) -> None:
+    for worker in workers:
+        worker.close()
+    workers.clear()
+
+
+class VerifierPool:
+    """A few verifier processes with a per-item deadline.
+
+    The parent hands one item at a time to each idle worker and waits on their stdout pipes until the earliest deadline.
+    A reply in time is the item's result; a worker still busy at its item's deadline (or dead) is killed, the item scores
+    `0.0`, and a fresh worker takes its place. Workers start lazily, are reused across calls and are restarted after a
+    `fork`. When no worker can be started (for example on Windows), items are verified inline, with math-verify's own
+    timeouts on the main thread and none elsewhere.
+
+    Args:
+        num_workers (`int`):
+            Number of verifier processes. `0` verifies inline.
+        timeout (`float`):
+            Seconds each item may take once a worker has it.
+        startup_timeout (`float`, *optional*, defaults to `120.0`):
+            Seconds a new worker may take to import math-verify.
+    """
+
+    def __init__(self, num_workers: int, timeout: float, startup_timeout: float = 120.0):
+        self.num_workers = num_workers
+        self.timeout = timeout
+        self.startup_timeout = startup_timeout
+        self.num_timeouts = 0  # total over the pool's life
+        self._workers: list[_Worker] = []
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._inline = num_workers <= 0 or os.name == "nt"
+        self._finalizer = weakref.finalize(self, _close_all, self._workers)
+
+    def _start_workers(self, count: int) -> list[_Worker]:
+        """Start `count` workers at once and wait until each has imported math-verify; `[]` if any fails."""
+        try:
+            workers = [_Worker() for _ in range(count)]
+        except OSError as error:
+            logger.warning("Cannot start a verifier process (%s); verifying inline.", error)
+            return []
+        if all(worker.wait_ready(self.startup_timeout) for worker in workers):
+            return workers
+        for worker in workers:
+            worker.proc.kill()
+            worker.proc.wait()
+        logger.warning("A verifier process did not start in %ss; verifying inline.", self.startup_timeout)
+        return []
+
+    def _ensure_workers(self) -> bool:
+        if os.getpid() != self._pid:  # forked: the workers belong to the parent process
+            self._workers[:] = []
+            self._pid = os.getpid()
+        missing = self.num_workers - len(self._workers)
+        if not self._inline and missing > 0:
+            started = self._start_workers(missing)
+            self._workers.extend(started)
+            self._inline = not started
+        return not self._inline
+
+    def map(self, items: list[tuple]) -> list[tuple[float | None, str, str]]:
+        """Verify items, each the arguments of `_check`. Returns `(reward, gold_parsed, answer_parsed)` per item."""
+        with self._lock:
+            if not items:
+                return []
+            if not self._ensure_workers():
+                return [_check(*item) for item in items]
+            results: list = [None] * len(items)
+            todo = deque(range(len(items)))
+            idle = list(self._workers)
+            busy: dict[int, tuple[_Worker, int, float]] = {}  # stdout fd -> (worker, item index, deadline)
+            with selectors.DefaultSelector() as selector:
+                while todo or busy:
+                    while todo and idle:
+                        worker, index = idle.pop(), todo.popleft()
+                        try:
+                            worker.send(items[index])
+                        except OSError:  # died while idle
+                            todo.appendleft(index)
+                            idle.extend(self._replace(worker))
+                            continue
+                        busy[worker.proc.stdout.fileno()] = (worker, index, time.monotonic() + self.timeout)
+                        selector.register(worker.proc.stdout, selectors.EVENT_READ)
+                    if not busy:  # no worker left (none could be restarted): finish inline
+                        for index in todo:
+                            results[index] = _check(*items[index])
+                        break
+                    wait = min(deadline for _, _, deadline in busy.values()) - time.monotonic()
+                    for key, _ in selector.select(max(wait, 0.0)):
+                        worker, index, _ = busy.pop(key.fd)
+                        selector.unregister(key.fileobj)
+                        try:
+                            results[index] = worker.receive()
+                            idle.append(worker)
+                        except (EOFError, OSError, ValueError):
+                            results[index] = (0.0, "[crashed]", "[crashed]")
+                            idle.extend(self._replace(worker))
+                    now = time.monotonic()
+                    for fd, (worker, index, deadline) in list(busy.items()):
+                        if deadline <= now:
+                            del busy[fd]
+                            selector.unregister(worker.proc.stdout)
+                            self.num_timeouts += 1
+                            results[index] = (0.0, "[timeout]", "[timeout]")
+                            idle.extend(self._replace(worker))
+            return results
+
+    def _replace(self, worker: _Worker) -> list[_Worker]:
+        """Kill `worker` and start another; returns `[new_worker]`, or `[]` (and verifies inline from now on)."""
+        worker.proc.kill()
+        worker.proc.wait()
+        self._workers.remove(worker)
+        new = self._start_workers(1)
+        self._workers.extend(new)
+        self._inline = self._inline or not new
+        return new
+
+    def close(self) -> None:
+        """Stop the worker processes (they also stop when this process exits). Not to be called during `map`."""
+        _close_all(self._workers)
+
+
+class MathAccuracyReward:
+    r"""Reward 1.0 when a completion's final answer matches the gold answer (math-verify), else 0.0; never hangs.
+
+    A callable with TRL's reward-function signature, usable in `reward_funcs` of TRL trainers and picklable. Each item
+    is checked as [`trl.rewards.accuracy_reward`] does (the answer must be in `\boxed{}` or follow "final answer is";
+    shorthand such as `\frac12` is accepted unless `strict=True`) in a [`VerifierPool`] process with a per-item
+    deadline:
+
+    - a completion is cut to its last `max_chars` characters, and one whose braces nest deeper than `max_brace_depth`
+      scores `0.0` unparsed;
+    - an item past its deadline, or that crashes the verifier, scores `0.0`;
+    - an unparseable gold answer gives `None` (the rollout is unscored). A prompt whose rollouts are all unscored has
+      a NaN success rate P and is not gated by HPT: it stays on RL, where TRL gives its rollouts zero advantage.
+
+    Args:
+        timeout (`float`, *optional*, defaults to `5.0`):
+            Seconds allowed to verify one item.
+        num_workers (`int` or `None`, *optional*):
+            Verifier processes; defaults to `min(4, os.cpu_count())`. `0` verifies inline (no deadline off the main
+            thread).
+        max_chars (`int`, *optional*, defaults to `4000`):
+            Only the last `max_chars` characters of a completion are verified.
+        max_brace_depth (`int`, *optional*, defaults to `50`):
+            Completions whose braces nest deeper score `0.0` without being parsed.
+        strict (`bool`, *optional*, defaults to `False`):
+            Use `trl.rewards.accuracy_reward` unchanged, which rejects shorthand LaTeX like `\frac12` in answers.
+
+    Example:
+    ```python
+    >>> from hpt_trl.rewards import math_accuracy_reward
+
+    >>> completions = [r"So the answer is $\boxed{\frac{1}{3}}$.", r"$\boxed{2}$", r"$\boxed{1}$"]
+    >>> math_accuracy_reward(completions, [r"\frac{1}{3}", "3", ""])
+    [1.0, 0.0, None]
+    ```
+    """
+
+    __name__ = "accuracy_reward"  # TRL logs rewards by function name
+
+    def __init__(
+        self,
+        timeout: float = 5.0,
+        num_workers: int | None = None,
+        max_chars: int = 4000,
+        max_brace_depth: int = 50,
+        strict: bool = False,
+    ):
+        self.timeout = timeout
+        self.strict = strict
+        self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+        self.max_chars = max_chars
+        self.max_brace_depth = max_brace_depth
+        self._pool: VerifierPool | None = None
+        self._pool_lock = threading.Lock()
+
+    @property
+    def pool(self) -> VerifierPool:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = VerifierPool(self.num_workers, self.timeout)
+            return self._pool
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_pool", "_pool_lock")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _pool=None, _pool_lock=threading.Lock())
+
+    def __call__(self, completions: list, solution: list, log_extra=None, log_metric=None, **kwargs):
+        """Score `completions` against `solution`.
+
+        Args:
+            completions (`list[str]` or `list[list[dict[str, str]]]`):
+                Completions, as text or as conversational lists of messages (the last assistant message is scored).
+            solution (`list[str]`):
+                Gold answers (bare, like `72` or `\\frac{1}{3}`, or full solutions with a `\\boxed{}` answer).
+            log_extra (`callable`, *optional*):
+                Provided by TRL trainers to log the parsed gold and answer to the completions table.
+            log_metric (`callable`, *optional*):
+                Provided by TRL trainers; used to log how many items timed out.
+
+        Returns:
+            `list[float | None]`: `1.0` correct, `0.0` wrong (or timed out), `None` unscored (unparseable gold).
+        """
+        golds = [normalize_gold(sol) for sol in solution]
+        if len(golds) != len(completions):
+            raise ValueError(f"Got {len(completions)} completions but {len(golds)} solutions.")
+        results: list = [None] * len(completions)
+        todo, items = [], []
+        for i, (completion, gold) in enumerate(zip(completions, golds)):
+            text = _completion_text(completion)[-self.max_chars :]
+            if gold is None:
+                results[i] = (None, _UNPARSEABLE, "[skipped]")
+            elif _brace_depth(text) > self.max_brace_depth:
+                results[i] = (0.0, "", "[too deeply nested]")
+            else:
+                todo.append(i)
+                # math-verify's own timeouts (parse gold, parse answer, verify) end before the deadline kills the worker
+                items.append((text, gold, self.strict, max(1, int(self.timeout // 3))))
+        timeouts_before = self.pool.num_timeouts
+        for i, result in zip(todo, self.pool.map(items)):
+            results[i] = result
+        if log_extra is not None:
+            log_extra("solution", [str(sol) for sol in solution])
+            log_extra("gold_parsed", [r[1] for r in results])
+            log_extra("answer_parsed", [r[2] for r in results])
+        if log_metric is not None:
+            log_metric("accuracy_reward/timeouts", float(self.pool.num_timeouts - timeouts_before))
+        return [None if r[0] is None else float(r[0]) for r in results]
+
+    def close(self) -> None:
+        """Stop the verifier processes."""
+        if self._pool is not None:
+            self._pool.close()
+
+
+def get_math_accuracy_reward(
+    timeout: float = 5.0,
+    num_workers: int | None = None,
+    max_chars: int = 4000,
+    max_brace_depth: int = 50,
+    strict: bool = False,
+) -> MathAccuracyReward:
+    """Return a [`MathAccuracyReward`] with its own verifier pool and settings (see its docstring for the arguments)."""
+    return MathAccuracyReward(timeout, num_workers, max_chars, max_brace_depth, strict)
+
+
+math_accuracy_reward = MathAccuracyReward()
+"""The default verifier reward: 5 s per item, up to 4 worker processes (started on first use)."""
+
+
+if __name__ == "__main__":  # a verifier worker, started by `_Worker`
+    if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+        sys.path.pop(0)  # do not let this package's modules shadow top-level ones (`data`, `evaluation`, ...)
+    _worker_main()
