@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     accuracy_after = greedy_accuracy(trainer.model, tokenizer, dataset["test"])
 
     final_dir = os.path.join(args.output_dir, "final")
+    trainer.save_state()  # trainer_state.json, for `hpt-trl plot OUTPUT_DIR`
     trainer.save_model(final_dir)
     tokenizer.save_pretrained(final_dir)
     plot_path = os.path.join(args.output_dir, "training_dynamics.png")
