@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
-from trl.trainer.utils import get_config_model_id, pad
+from trl.trainer.utils import RepeatSampler, get_config_model_id, pad
 
 from .demonstrations import demonstration_token_ids, validate_demonstrations
 from .gate import ESTIMATORS, GATE_TOLERANCE, linear_gate, mixed_group_advantages, rollout_scores, switch_gate
@@ -22,6 +22,17 @@ logger = logging.getLogger(__name__)
 def _prompt_id(prompt: Any) -> str:
     """A short, stable identifier of a prompt (text or messages), for the gate log."""
     return hashlib.sha1(json.dumps(prompt, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class _ResumableRepeatSampler(RepeatSampler):
+    """TRL's `RepeatSampler`, resumable across epochs: `set_epoch(e)` (called by the Trainer before each epoch) puts the
+    generator where an uninterrupted run has it, i.e. after the permutations of epochs 0..e-1. Same order as TRL's."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.shuffle and self.seed is not None:
+            self.generator.manual_seed(self.seed)
+            for _ in range(epoch):
+                torch.randperm(self.num_samples, generator=self.generator)
 
 
 class HPTTrainer(GRPOTrainer):
@@ -50,15 +61,14 @@ class HPTTrainer(GRPOTrainer):
     Example:
 
     ```python
-    from datasets import load_dataset
-    from trl.rewards import accuracy_reward
-
     from hpt_trl import HPTConfig, HPTTrainer
+    from hpt_trl.data import load_gsm8k
+    from hpt_trl.rewards import math_accuracy_reward
 
-    dataset = load_dataset("trl-lib/DeepMath-103K", split="train")  # prompt, completion (demonstration), solution
+    dataset = load_gsm8k("train", conversational=True)  # prompt, completion (demonstration), solution
     trainer = HPTTrainer(
         model="Qwen/Qwen2.5-Math-1.5B",
-        reward_funcs=accuracy_reward,
+        reward_funcs=math_accuracy_reward,
         args=HPTConfig(gamma=0.0, num_generations=8),
         train_dataset=dataset,
     )
@@ -133,6 +143,19 @@ class HPTTrainer(GRPOTrainer):
             "luffy": get_preset("luffy", gamma=args.luffy_shaping_gamma),
         }
         self.gate_history: list[dict] = []
+
+    def _get_train_sampler(self, dataset=None):
+        sampler = super()._get_train_sampler(dataset)
+        if type(sampler) is RepeatSampler:  # a resumed run must not restart at epoch 0's order (docs/scaling.md)
+            sampler.__class__ = _ResumableRepeatSampler
+        return sampler
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if self.is_world_process_zero():  # add the HPT settings to TRL's card
+            from .model_card import add_hpt_settings
+
+            add_hpt_settings(os.path.join(self.args.output_dir, "README.md"), self.args, self.reward_func_names)
 
     def _resolve_performance_reward(self, name: str | None) -> int | None:
         if name is None:

@@ -1,0 +1,125 @@
+"""`hpt-trl train --config recipes/NAME.yaml [--key value]`: parsing, the recipes, and a short offline CPU run."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hpt_trl import HPTConfig
+from hpt_trl.cli import main as cli_main
+from hpt_trl.train import HPTScriptArguments, card_dataset_name, load_datasets, load_reward_funcs, parse_args
+from trl import ModelConfig
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+# The GPU recipes ask for bf16, which this CPU machine lacks: parse them as they would be on a GPU machine otherwise
+ON_CPU = ["--bf16", "false", "--use_cpu", "true"]
+
+
+def recipe(name, *options):
+    return parse_args(["--config", str(RECIPES / name), *ON_CPU, *options])
+
+
+def test_every_recipe_parses_into_the_three_dataclasses():
+    names = sorted(path.name for path in RECIPES.glob("*.yaml"))
+    assert {"tiny_cpu.yaml", "qwen2.5-math-7b.yaml", "qwen2.5-math-1.5b.yaml", "llama-3.1-8b.yaml"} <= set(names)
+    assert any("lora" in name for name in names)
+    for name in names:
+        script_args, training_args, model_args = recipe(name)
+        assert isinstance(script_args, HPTScriptArguments), name
+        assert isinstance(training_args, HPTConfig), name
+        assert isinstance(model_args, ModelConfig) and model_args.model_name_or_path, name
+        # every key of the YAML file is an option of one of the three dataclasses
+        config = yaml.safe_load((RECIPES / name).read_text())
+        known = {k for args in (script_args, training_args, model_args) for k in vars(args)}
+        assert set(config) <= known, (name, set(config) - known)
+
+
+def test_paper_recipe_qwen_7b():
+    script_args, args, model_args = recipe("qwen2.5-math-7b.yaml")
+    assert model_args.model_name_or_path == "Qwen/Qwen2.5-Math-7B"
+    assert script_args.dataset_name == "openr1_math_46k"
+    assert card_dataset_name(script_args) == "Elliott/Openr1-Math-46k-8192"
+    assert (args.gamma, args.num_generations, args.learning_rate) == (0.0, 8, 5e-6)
+    assert (args.max_completion_length, args.temperature, args.entropy_coef, args.max_steps) == (8192, 1.0, 0.001, 500)
+    assert (args.loss_type, args.scale_rewards, args.beta) == ("dr_grpo", "none", 0.0)
+    # 128 prompts per optimizer step on the 8 GPUs the recipe is written for
+    rollouts_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * 8
+    assert rollouts_per_step // args.num_generations == 128
+    assert args.steps_per_generation == args.gradient_accumulation_steps  # one generation per optimizer step
+
+
+def test_paper_recipes_1_5b_and_llama():
+    _, qwen, qwen_model = recipe("qwen2.5-math-1.5b.yaml")
+    assert qwen_model.model_name_or_path == "Qwen/Qwen2.5-Math-1.5B" and qwen.sft_loss_coef == 0.3 and qwen.gamma == 0.0
+    script_args, llama, llama_model = recipe("llama-3.1-8b.yaml")
+    assert llama_model.model_name_or_path == "meta-llama/Llama-3.1-8B" and llama.gamma == 0.25
+    assert script_args.prompt_template == "simple"
+
+
+def test_lora_recipe():
+    script_args, args, model_args = recipe("qwen2.5-0.5b-instruct-gsm8k-lora.yaml")
+    assert model_args.use_peft and model_args.lora_target_modules == "all-linear" and script_args.merge_adapter
+    assert script_args.dataset_name == "gsm8k" and not args.use_vllm
+
+
+def test_command_line_overrides_the_recipe():
+    script_args, args, model_args = recipe(
+        "qwen2.5-math-7b.yaml", "--gamma", "0.5", "--max_steps", "3", "--reward_funcs", "toy_answer_reward",
+        "--use_peft", "--lora_r", "8", "--model_name_or_path", "tiny",
+    )
+    assert (args.gamma, args.max_steps, args.learning_rate) == (0.5, 3, 5e-6)  # the rest stays as in the recipe
+    assert script_args.reward_funcs == ["toy_answer_reward"]
+    assert model_args.use_peft and model_args.lora_r == 8 and model_args.model_name_or_path == "tiny"
+
+
+def test_unknown_option_is_an_error(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model_name_or_path: tiny\ndataset_name: toy\nuse_cpu: true\nbf16: false\ngama: 0.1\n")
+    with pytest.raises(ValueError, match="gama"):
+        parse_args(["--config", str(config)])
+
+
+def test_reward_names_and_dotted_paths():
+    names = ["accuracy_reward", "toy_answer_reward", "think_format_reward", "helpers.half_solved_reward"]
+    rewards = load_reward_funcs(HPTScriptArguments(reward_funcs=names))
+    assert [getattr(r, "__name__", None) for r in rewards] == [
+        "accuracy_reward", "toy_answer_reward", "think_format_reward", "half_solved_reward"
+    ]
+    with pytest.raises(ValueError, match="Could not load reward function 'nope'"):
+        load_reward_funcs(HPTScriptArguments(reward_funcs=["nope"]))
+
+
+def test_datasets(tmp_path):
+    model = ModelConfig(model_name_or_path="tiny")
+    train, test = load_datasets(HPTScriptArguments(dataset_name="toy"), model, need_eval=True)
+    assert {"prompt", "completion", "solution"} <= set(train.column_names) and len(test) > 0
+    rows = [{"prompt": f"{a}+1=", "completion": f"{a + 1}", "solution": f"{a + 1}"} for a in range(5)]
+    data_file = tmp_path / "data.jsonl"
+    data_file.write_text("\n".join(json.dumps(row) for row in rows))
+    local, _ = load_datasets(HPTScriptArguments(data_files=str(data_file), dataset_limit=3), model)
+    assert local.to_list() == rows[:3]
+    gsm8k, _ = load_datasets(HPTScriptArguments(dataset_name="gsm8k", dataset_limit=2, conversational=True), model)
+    assert gsm8k[0]["completion"][0]["role"] == "assistant" and "\\boxed{" in gsm8k[0]["completion"][0]["content"]
+    assert card_dataset_name(HPTScriptArguments(data_files=str(data_file))) is None
+
+
+def test_tiny_cpu_recipe_trains_saves_and_reloads(tmp_path):
+    out = tmp_path / "run"
+    assert cli_main(["train", "--config", str(RECIPES / "tiny_cpu.yaml"), "--output_dir", str(out), "--max_steps", "3"]) == 0
+    gate_log = [json.loads(line) for line in (out / "hpt_gate.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in gate_log] == [0, 1, 2] and all(len(r["gated"]) == 8 for r in gate_log)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    inputs = tokenizer(["1+2+3="], return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert output.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_help_lists_the_hpt_options(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--gamma", "--sft_loss_coef", "--dataset_name", "--reward_funcs", "--use_peft", "--config"):
+        assert option in text, option

@@ -1,0 +1,198 @@
+"""HPT under the launchers users already use: DDP and DeepSpeed ZeRO-2/3 (and ZeRO-3 with CPU offload), 2 processes.
+
+Each test launches `accelerate launch --config_file examples/accelerate_configs/NAME.yaml --num_processes 2` on the
+tiny CPU recipe (two CPU processes, gloo backend; see docs/scaling.md) through `tests/distributed_worker.py`, and
+compares it with a 1-process run on the same data, seed and global batch:
+
+1. the per-step `hpt/sft_fraction` and the gate log (gathered prompt ids, performance, decisions) are equal;
+2. training finishes;
+3. the saved model reloads and generates.
+
+The reward (`helpers.half_solved_reward`) depends only on the prompt, so the gate must agree exactly even though the
+two processes sample other completions than the single process does. It also gives every RL rollout a zero advantage,
+so the update is the SFT update on the gated demonstrations, which does not depend on the sampled completions either:
+the trained parameters must then equal the 1-process ones up to float reduction order, which the tests check too.
+Under ZeRO-3 the demonstration forward pass must go through the DeepSpeed engine with sharded parameters.
+
+The first DeepSpeed test builds DeepSpeed's CPU ops (about 1-2 minutes, cached in ~/.cache/torch_extensions).
+"""
+
+import json
+import shutil
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER = str(REPO / "tests" / "distributed_worker.py")
+MAX_STEPS = 3
+COMMON = [
+    "--config", "recipes/tiny_cpu.yaml",
+    "--max_steps", str(MAX_STEPS),
+    "--reward_funcs", "helpers.half_solved_reward",
+    "--performance_reward", "half_solved_reward",
+]
+GLOBAL_BATCH = 16  # rollouts per step: 8 prompts x 2 rollouts, = per_device_train_batch_size x processes
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", WANDB_DISABLED="true", ACCELERATE_DISABLE_RICH="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(output_dir, launcher=None, *options):
+    """Run the worker with 1 process (launcher None) or 2 under `accelerate launch`; return each rank's result."""
+    output_dir = str(output_dir)
+    if launcher is None:
+        command = [sys.executable, WORKER, *COMMON, "--per_device_train_batch_size", str(GLOBAL_BATCH)]
+        num_processes = 1
+    else:
+        num_processes = 2
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch",
+            "--config_file", f"examples/accelerate_configs/{launcher}.yaml",
+            "--num_processes", str(num_processes), "--mixed_precision", "no",
+            "--main_process_port", str(_free_port()),
+            WORKER, *COMMON, "--per_device_train_batch_size", str(GLOBAL_BATCH // num_processes),
+        ]
+    command += ["--output_dir", output_dir, *options]
+    process = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    Path(output_dir, "launch.log").write_text(f"{' '.join(command)}\n{process.stdout}\n{process.stderr}")
+    assert process.returncode == 0, f"{' '.join(command)}\n{process.stdout[-3000:]}\n{process.stderr[-6000:]}"
+    return [json.loads(Path(output_dir, f"worker_rank{rank}.json").read_text()) for rank in range(num_processes)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The 1-process run: same data, seed and global batch."""
+    output_dir = tmp_path_factory.mktemp("one-process")
+    (result,) = run(output_dir)
+    assert result["num_processes"] == 1 and result["global_step"] == MAX_STEPS
+    fractions = result["sft_fraction"]
+    assert len(fractions) == MAX_STEPS and any(0.0 < f < 1.0 for f in fractions), "the gate must split some batch"
+    return result, output_dir
+
+
+def assert_same_gate(results, reference_result, reference_dir, output_dir):
+    for result in results:  # every process logged the same, global, decisions
+        assert result["num_processes"] == 2 and result["backend"] == "gloo"
+        assert result["global_step"] == MAX_STEPS  # training finished
+        assert result["sft_fraction"] == reference_result["sft_fraction"]
+        assert result["gate_history"] == reference_result["gate_history"]
+    assert (output_dir / "hpt_gate.jsonl").read_text() == (reference_dir / "hpt_gate.jsonl").read_text()
+
+
+def assert_reloads_and_generates(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    inputs = tokenizer(["1+2+3="], return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert output.shape[1] > inputs["input_ids"].shape[1]
+    return model
+
+
+@pytest.mark.parametrize(
+    "launcher, distributed_type, zero_stage",
+    [
+        ("ddp", "DistributedType.MULTI_CPU", None),  # MULTI_GPU config, run on CPU: DDP over gloo
+        ("zero2", "DistributedType.DEEPSPEED", 2),
+        ("zero3", "DistributedType.DEEPSPEED", 3),
+        ("zero3_offload", "DistributedType.DEEPSPEED", 3),
+    ],
+)
+def test_two_processes_match_one(reference, tmp_path, launcher, distributed_type, zero_stage):
+    reference_result, reference_dir = reference
+    results = run(tmp_path, launcher)
+    assert_same_gate(results, reference_result, reference_dir, tmp_path)
+    for result in results:
+        assert result["distributed_type"] == distributed_type and result["deepspeed_zero_stage"] == zero_stage
+        calls = result["demonstration_calls"]
+        assert len(calls) == MAX_STEPS  # every process runs the demonstration pass at every step
+        for call in calls:
+            assert call["is_wrapped"], call  # through the DDP module or the DeepSpeed engine, not the bare model
+            assert call["module"] == ("DistributedDataParallel" if launcher == "ddp" else "DeepSpeedEngine")
+            if zero_stage == 3:  # sharded before the pass, gathered by the engine during it
+                assert call["zero3_param"] and call["numel_before"] == 0, call
+                assert call["numels_during"] and all(n == call["full_numel"] for n in call["numels_during"]), call
+
+    model = assert_reloads_and_generates(tmp_path)
+    expected = load_file(reference_dir / "model.safetensors")
+    initial = load_file(reference_dir / "tiny-init" / "model.safetensors")
+    state = model.state_dict()
+    assert any((expected[k] - initial[k]).abs().max() > 1e-3 for k in expected), "the run must train"
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, atol=1e-5, rtol=0, msg=name)
+
+
+def test_lora_under_ddp(reference, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    reference_result, reference_dir = reference
+    lora = ["--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "q_proj", "v_proj",
+            "--learning_rate", "5e-2", "--merge_adapter"]
+    results = run(tmp_path, "ddp", *lora)
+    assert_same_gate(results, reference_result, reference_dir, tmp_path)
+    assert all(result["distributed_type"] == "DistributedType.MULTI_CPU" for result in results)
+
+    # The saved adapter reloads on its base model, was trained, and generates
+    assert (tmp_path / "adapter_config.json").is_file() and not (tmp_path / "model.safetensors").exists()
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(tmp_path).eval()
+    lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().max() > 0 for p in lora_b)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    inputs = tokenizer(["1+2+3="], return_tensors="pt")
+    assert peft_model.generate(**inputs, max_new_tokens=6, do_sample=False).shape[1] > inputs["input_ids"].shape[1]
+
+    # The merged model is a plain model with the same outputs
+    merged = assert_reloads_and_generates(tmp_path / "merged").eval()
+    assert not any("lora" in name for name in merged.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, peft_model(**inputs).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_under_ddp(tmp_path):
+    """2 processes, interrupted after checkpoint-2 and resumed at an epoch boundary: same as uninterrupted."""
+    options = ["--config", "recipes/tiny_cpu.yaml", "--per_device_train_batch_size", "8", "--max_steps", "4",
+               "--save_strategy", "steps", "--save_steps", "2", "--lr_scheduler_type", "linear",
+               "--dataset_limit", "16",  # 8 prompts per step: 2 steps per epoch
+               "--reward_funcs", "helpers.mixed_reward", "--output_dir", str(tmp_path)]
+
+    def launch(*extra):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   "examples/accelerate_configs/ddp.yaml", "--num_processes", "2", "--mixed_precision", "no",
+                   "--main_process_port", str(_free_port()), "-m", "hpt_trl.cli", "train", *options, *extra]
+        env = _env()
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env["PYTHONPATH"]])
+        process = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert process.returncode == 0, f"{process.stdout[-3000:]}\n{process.stderr[-6000:]}"
+
+    launch()
+    uninterrupted = load_file(tmp_path / "model.safetensors")
+    gate_log = (tmp_path / "hpt_gate.jsonl").read_text().splitlines()
+    assert len(gate_log) == 4
+    # Simulate a crash after checkpoint-2, then resume from the last checkpoint
+    shutil.rmtree(tmp_path / "checkpoint-4")
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "hpt_gate.jsonl").write_text("\n".join(gate_log[:2]) + "\n")
+    launch("--resume_from_checkpoint", "true")
+    assert (tmp_path / "hpt_gate.jsonl").read_text().splitlines() == gate_log
+    resumed = load_file(tmp_path / "model.safetensors")
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=0, msg=name)

@@ -1,0 +1,118 @@
+"""`resume_from_checkpoint`: a run interrupted at step k and resumed ends exactly where an uninterrupted run does.
+
+The rewards depend on the sampled completions (`mixed_reward`), so the RL term trains too and the test also checks that
+the resumed run samples the same rollouts (the Trainer restores the RNG states saved in the checkpoint).
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from hpt_trl import HPTTrainer
+from hpt_trl.cli import main as cli_main
+from hpt_trl.tiny import build_tiny_model, build_tiny_tokenizer
+from hpt_trl.toy_task import build_toy_math_dataset
+
+from helpers import mixed_reward, tiny_args
+
+
+class StopAt(TrainerCallback):
+    """Interrupt training after optimizer step `step` (the checkpoint of that step is saved first)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def make_trainer(output_dir, dataset, max_steps, save_steps, callbacks=None):
+    tokenizer = build_tiny_tokenizer()
+    args = tiny_args(
+        output_dir,
+        per_device_train_batch_size=16,  # 8 prompts x 2 rollouts per step
+        num_generations=2,
+        max_completion_length=12,
+        max_steps=max_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        gamma=0.0,
+    )
+    return HPTTrainer(
+        model=build_tiny_model(tokenizer),
+        reward_funcs=mixed_reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def logged(trainer, key):
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+@pytest.mark.parametrize(
+    "num_prompts, k, n",
+    [
+        (64, 2, 4),  # 8 steps per epoch: interrupted and resumed inside the first epoch
+        (16, 2, 4),  # 2 steps per epoch: resumed at the start of the second epoch
+        (24, 4, 6),  # 3 steps per epoch: resumed inside the second epoch
+    ],
+    ids=["first-epoch", "epoch-boundary", "later-epoch"],
+)
+def test_resumed_run_equals_uninterrupted_run(tmp_path, num_prompts, k, n):
+    dataset = build_toy_math_dataset()["train"].select(range(num_prompts))
+    full = make_trainer(tmp_path / "full", dataset, n, k)
+    full.train()
+
+    interrupted = make_trainer(tmp_path / "run", dataset, n, k, callbacks=[StopAt(k)])
+    interrupted.train()
+    assert interrupted.state.global_step == k
+    resumed = make_trainer(tmp_path / "run", dataset, n, k)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{k}"))
+    assert resumed.state.global_step == full.state.global_step == n
+
+    # Same prompts, same gate decisions, same sampled rollouts (hence same losses), same parameters
+    assert interrupted.gate_history + resumed.gate_history == full.gate_history
+    assert (tmp_path / "run" / "hpt_gate.jsonl").read_text() == (tmp_path / "full" / "hpt_gate.jsonl").read_text()
+    assert logged(resumed, "loss") == logged(full, "loss")  # the resumed state keeps the first k steps' logs
+    # both terms train: some prompts are gated (SFT), some rollouts carry a non-zero advantage (RL)
+    assert min(logged(full, "frac_reward_zero_std")) < 1.0 and max(logged(full, "hpt/sft_fraction")) > 0.0
+    for (name, p_full), p_resumed in zip(full.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p_resumed, p_full, atol=1e-6, rtol=0, msg=name)
+
+
+def test_resume_from_the_command_line(tmp_path):
+    """`hpt-trl train --resume_from_checkpoint true` continues from the last checkpoint in output_dir."""
+    out = tmp_path / "run"
+    options = ["train", "--config", "recipes/tiny_cpu.yaml", "--output_dir", str(out), "--max_steps", "4",
+               "--save_strategy", "steps", "--save_steps", "2", "--lr_scheduler_type", "linear"]
+    assert cli_main(options) == 0
+    uninterrupted = load_file(out / "model.safetensors")
+    gate_log = (out / "hpt_gate.jsonl").read_text().splitlines()
+    assert len(gate_log) == 4
+
+    # Simulate a crash after checkpoint-2: drop what came later, then resume from the last checkpoint
+    shutil.rmtree(out / "checkpoint-4")
+    (out / "model.safetensors").unlink()
+    (out / "hpt_gate.jsonl").write_text("\n".join(gate_log[:2]) + "\n")
+
+    assert cli_main(options + ["--resume_from_checkpoint", "true"]) == 0
+    resumed = load_file(out / "model.safetensors")
+    assert (out / "hpt_gate.jsonl").read_text().splitlines() == gate_log
+    assert [json.loads(line)["step"] for line in gate_log] == [0, 1, 2, 3]
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path):
+    options = ["train", "--config", "recipes/tiny_cpu.yaml", "--output_dir", str(tmp_path), "--max_steps", "1"]
+    with pytest.raises(ValueError, match="has no checkpoint"):
+        cli_main(options + ["--resume_from_checkpoint", "true"])
