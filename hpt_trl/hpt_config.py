@@ -80,6 +80,15 @@ class HPTConfig(GRPOConfig):
             Reward given to a demonstration when it joins a group (`"luffy"`, middle band).
         luffy_shaping_gamma (`float`, *optional*, defaults to `0.1`):
             LUFFY's policy-shaping constant.
+
+        > Speed
+
+        skip_zero_loss_rows (`bool`, *optional*, defaults to `False`):
+            Skip the forward and backward pass over rollouts whose RL loss is exactly zero: zero advantage (e.g. a
+            group that scored all 0 or all 1) or removed by the gate. The update is unchanged (TRL's normalizers are
+            kept), but TRL's rollout metrics (`entropy`, `clip_ratio/*`) are then computed over the rows that were
+            run. Requires `beta=0.0`, no entropy bonus, `top_entropy_quantile=1.0` and a `loss_type` other than
+            `"bnpo"` (whose normalizer counts the skipped rows' tokens).
     """
 
     # Paper defaults for the RL term (Dr. GRPO, no KL)
@@ -128,6 +137,10 @@ class HPTConfig(GRPOConfig):
     )
     demonstration_reward: float = field(default=1.0, metadata={"help": "Reward of a demonstration in a group."})
     luffy_shaping_gamma: float = field(default=0.1, metadata={"help": "LUFFY's policy-shaping constant."})
+    skip_zero_loss_rows: bool = field(
+        default=False,
+        metadata={"help": "Skip forward/backward over rollouts whose RL loss is exactly zero (same update)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -138,6 +151,18 @@ class HPTConfig(GRPOConfig):
             raise ValueError(f"`gate` must be one of {GATES} (or pass `gate_function` to the trainer), got {self.gate!r}.")
         if self.gate == "linear" and not self.gate_linear_upper > self.gamma:
             raise ValueError(f"`gate_linear_upper` ({self.gate_linear_upper}) must be greater than `gamma` ({self.gamma}).")
+        if self.skip_zero_loss_rows:
+            conflicts = {
+                "beta != 0": self.beta != 0.0,
+                "an entropy bonus": self.entropy_coef != 0.0 or self.use_adaptive_entropy,
+                "top_entropy_quantile < 1": self.top_entropy_quantile < 1.0,
+                "loss_type='bnpo'": self.loss_type == "bnpo",
+            }
+            if any(conflicts.values()):
+                raise ValueError(
+                    "`skip_zero_loss_rows=True` keeps the update exact only when a zero-advantage row contributes "
+                    f"nothing, which is not the case with {[name for name, bad in conflicts.items() if bad]}."
+                )
         if self.gamma_off is not None and not self.gamma_off > self.gamma:
             raise ValueError(f"`gamma_off` ({self.gamma_off}) must be greater than `gamma` ({self.gamma}).")
         if self.max_demonstration_length is not None and self.max_demonstration_length < 1:

@@ -328,12 +328,41 @@ class HPTTrainer(GRPOTrainer):
                 f.write(json.dumps(record) + "\n")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
+        if self.args.skip_zero_loss_rows and mode == "train":
+            loss = self._rl_loss_without_zero_rows(model, inputs)
+        else:
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0  # TRL's loss is scaled for GA
         self._metrics[mode]["hpt/rl_loss"].append(self.accelerator.gather(loss.detach() * scale).mean().item())
         if "demo_ids" in inputs:
             loss = loss + self.args.sft_loss_coef * self._demonstration_loss(model, inputs)
+        return loss
+
+    # Loss types whose normalizer counts the micro-batch's rows: the loss of a row subset is rescaled by rows kept / rows
+    MEAN_OVER_ROWS_LOSS_TYPES = ("grpo", "dr_grpo", "sapo", "luspo")
+    ROW_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "tool_mask",
+                "old_per_token_logps", "ref_per_token_logps", "sampling_per_token_logps", "importance_sampling_ratio")
+
+    def _rl_loss_without_zero_rows(self, model, inputs: dict[str, Any]) -> torch.Tensor:
+        """TRL's loss on the rows whose loss can be non-zero only (`skip_zero_loss_rows`), with the same value and
+        gradient as on the whole micro-batch."""
+        if any(key in inputs for key in ("pixel_values", "num_images", "token_type_ids", "mm_token_type_ids")):
+            return super().compute_loss(model, inputs)  # multimodal fields are not row-aligned: no skipping
+        advantages, mask = inputs["advantages"], inputs["completion_mask"]
+        mask = mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
+        advantage_nonzero = advantages != 0 if advantages.dim() == 1 else (advantages != 0).any(dim=1)
+        rows = (advantage_nonzero & (mask.sum(dim=1) > 0)).nonzero().squeeze(1)
+        num_rows = mask.size(0)
+        if rows.numel() == num_rows:
+            return super().compute_loss(model, inputs)
+        if rows.numel() == 0:  # keep one (zero-loss) row: every process must run the same forward passes
+            rows = rows.new_zeros(1)
+        subset = {key: value[rows] if key in self.ROW_KEYS and value is not None else value for key, value in inputs.items()}
+        loss = super().compute_loss(model, subset)
+        self._metrics["train"]["hpt/skipped_rows_fraction"].append(1.0 - rows.numel() / num_rows)
+        if self.loss_type in self.MEAN_OVER_ROWS_LOSS_TYPES:
+            loss = loss * rows.numel() / num_rows
         return loss
 
     def _demonstration_loss(self, model, inputs: dict[str, Any]) -> torch.Tensor:

@@ -243,3 +243,35 @@ def test_nan_gamma(tmp_path):
 def test_grpo_config_is_rejected(tmp_path):
     with pytest.raises(TypeError, match="must be an `HPTConfig`"):
         make_trainer(tmp_path, config_class=GRPOConfig)
+
+
+@pytest.mark.parametrize("loss_type", ["dr_grpo", "grpo", "dapo"])
+def test_skipping_zero_loss_rows_keeps_the_update(tmp_path, loss_type):
+    common = dict(num_generations=4, per_device_train_batch_size=8, gradient_accumulation_steps=2, loss_type=loss_type)
+    skipped = _sgd_update(tmp_path / "skip", skip_zero_loss_rows=True, **common)
+    full = _sgd_update(tmp_path / "full", **common)
+    assert any(u.abs().max() > 1e-4 for u in full)
+    for u_skip, u_full in zip(skipped, full):
+        torch.testing.assert_close(u_skip, u_full, atol=1e-6, rtol=1e-5)
+
+
+def test_skipping_zero_loss_rows_runs_fewer_rows(tmp_path):
+    trainer = make_trainer(tmp_path, gamma=0.0, max_steps=2, skip_zero_loss_rows=True)
+    batch_sizes, original = [], GRPOTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        batch_sizes.append(inputs["prompt_ids"].size(0))
+        return original(self, model, inputs, *args, **kwargs)
+
+    GRPOTrainer.compute_loss = spy
+    try:
+        trainer.train()
+    finally:
+        GRPOTrainer.compute_loss = original
+    assert max(batch_sizes) < 8  # the gated half (and zero-advantage groups) never reach TRL's loss
+    assert all(0 < f < 1 for f in logged(trainer, "hpt/skipped_rows_fraction"))
+
+
+def test_skipping_zero_loss_rows_rejects_inexact_settings(tmp_path):
+    with pytest.raises(ValueError, match=r"beta != 0"):
+        HPTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, skip_zero_loss_rows=True, beta=0.1)
