@@ -1,0 +1,69 @@
+"""Smoke tests of the benchmark scripts: they run end to end in a tiny configuration and print/write the promised
+format. No timing or accuracy is asserted (the numbers of a 2-step run mean nothing, and CI machines are noisy)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LAST_LINE = re.compile(r"^ratio_never_gated=\d+\.\d{3} ratio_half_gated=\d+\.\d{3} mem_ratio=\d+\.\d{3}$")
+
+
+def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    return completed
+
+
+@pytest.mark.slow
+def test_speed_benchmark_prints_ratios(tmp_path):
+    raw = tmp_path / "speed.json"
+    completed = run_script(
+        "speed.py", "--rounds", "1", "--steps", "1", "--warmup", "1", "--chunks", "2", "--chunk-steps", "2",
+        "--warmup-chunks", "0", "--demo-repeats", "1", "--demo-warmup", "0", "--hidden-size", "32", "--layers", "1",
+        "--max-completion-length", "8", "--json", str(raw),
+    )  # fmt: skip
+    lines = completed.stdout.strip().splitlines()
+    assert LAST_LINE.match(lines[-1]), lines[-1]
+    assert any(line.startswith("Demonstrations alone (half_gated)") for line in lines)
+    assert sum(line.startswith(("PASS", "FAIL")) for line in lines) == 3
+    result = json.loads(raw.read_text())
+    assert {(r["setting"], r["trainer"]) for r in result["memory_runs"]} >= {
+        (s, t) for s in ("never_gated", "half_gated") for t in ("grpo", "hpt")
+    }
+    assert set(result["interleaved"]["half_gated"]["chunks"]) >= {"grpo", "hpt"}
+    half = result["summary"]["half_gated"]
+    assert half["hpt_sft_fraction"] == 0.5 and half["demo_rows"] == 8  # exactly half of the 16 prompts are gated
+    assert result["summary"]["never_gated"]["hpt_sft_fraction"] == 0.0
+    assert half["demo_fwd_bwd_s"] > 0
+    if "skip_ratio" in half:  # HPTConfig(skip_zero_loss_rows=True) is timed as a third trainer
+        assert any(line.startswith("skip_zero_loss_rows: ratio_never_gated=") for line in lines)
+        assert half["skipped_rows_fraction"] > 0.9  # every rollout has zero RL loss in both settings
+
+
+@pytest.mark.slow
+def test_learning_benchmark_writes_results(tmp_path):
+    completed = run_script(
+        "learning.py", "--steps", "2", "--seeds", "0", "--methods", "hpt", "sft_then_grpo",
+        "--output-dir", str(tmp_path), "--tag", "smoke",
+    )  # fmt: skip
+    result = json.loads((tmp_path / "learning_smoke.json").read_text())
+    assert {"command", "commands", "settings", "runs", "summary"} <= set(result)
+    assert set(result["summary"]) == {"hpt", "sft_then_grpo"}
+    for summary in result["summary"].values():
+        assert {"mean", "std", "per_seed"} <= set(summary) and len(summary["per_seed"]) == 1
+        assert 0.0 <= summary["mean"] <= 1.0
+    for run in result["runs"]:
+        assert run["steps"] == 2 and {"method", "seed", "heldout_accuracy", "seconds"} <= set(run)
+    table = (tmp_path / "learning_smoke.md").read_text()
+    assert "| hpt |" in table and "| sft_then_grpo |" in table and "benchmarks/learning.py" in table
+    assert "| hpt |" in completed.stdout
