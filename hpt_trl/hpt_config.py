@@ -148,9 +148,13 @@ class HPTConfig(GRPOConfig):
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"`algorithm` must be one of {ALGORITHMS}, got {self.algorithm!r}.")
         if self.gate not in GATES:
-            raise ValueError(f"`gate` must be one of {GATES} (or pass `gate_function` to the trainer), got {self.gate!r}.")
+            raise ValueError(
+                f"`gate` must be one of {GATES} (or pass `gate_function` to the trainer), got {self.gate!r}."
+            )
         if self.gate == "linear" and not self.gate_linear_upper > self.gamma:
-            raise ValueError(f"`gate_linear_upper` ({self.gate_linear_upper}) must be greater than `gamma` ({self.gamma}).")
+            raise ValueError(
+                f"`gate_linear_upper` ({self.gate_linear_upper}) must be greater than `gamma` ({self.gamma})."
+            )
         if self.skip_zero_loss_rows:
             conflicts = {
                 "beta != 0": self.beta != 0.0,
@@ -166,4 +170,6 @@ class HPTConfig(GRPOConfig):
         if self.gamma_off is not None and not self.gamma_off > self.gamma:
             raise ValueError(f"`gamma_off` ({self.gamma_off}) must be greater than `gamma` ({self.gamma}).")
         if self.max_demonstration_length is not None and self.max_demonstration_length < 1:
-            raise ValueError(f"`max_demonstration_length` must be positive or None, got {self.max_demonstration_length}.")
+            raise ValueError(
+                f"`max_demonstration_length` must be positive or None, got {self.max_demonstration_length}."
+            )

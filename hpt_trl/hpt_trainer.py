@@ -203,8 +203,15 @@ class HPTTrainer(GRPOTrainer):
         """Per-prompt UPGE plan: rollout weights, demonstration weights and advantages, estimator labels."""
         args, num_prompts, n = self.args, performance.numel(), self.num_generations
         ones, zeros = torch.ones(num_prompts), torch.zeros(num_prompts)
-        plan = {"alpha": ones, "sft": zeros, "offline": zeros, "luffy": zeros, "rollout_advantages": None,
-                "drop_last_rollout": False, "labels": ["rl"] * num_prompts}
+        plan = {
+            "alpha": ones,
+            "sft": zeros,
+            "offline": zeros,
+            "luffy": zeros,
+            "rollout_advantages": None,
+            "drop_last_rollout": False,
+            "labels": ["rl"] * num_prompts,
+        }
         performance, grouped_scores = performance.cpu(), scores.view(-1, n).cpu()
         if args.algorithm == "sft":
             plan.update(alpha=zeros, sft=ones, labels=["sft"] * num_prompts)
@@ -216,8 +223,12 @@ class HPTTrainer(GRPOTrainer):
             rollout_advantages, demo_advantages = mixed_group_advantages(
                 grouped_scores, args.demonstration_reward, args.scale_rewards == "group", keep
             )
-            plan.update(luffy=demo_advantages, rollout_advantages=rollout_advantages, drop_last_rollout=True,
-                        labels=["luffy"] * num_prompts)
+            plan.update(
+                luffy=demo_advantages,
+                rollout_advantages=rollout_advantages,
+                drop_last_rollout=True,
+                labels=["luffy"] * num_prompts,
+            )
         elif args.algorithm == "hpt":
             if self.gate_function is not None:
                 alpha, beta = self.gate_function(performance)
@@ -304,8 +315,12 @@ class HPTTrainer(GRPOTrainer):
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         _, entropies, _ = self._get_per_token_logps_and_entropies(
-            self.model, input_ids, attention_mask, output["completion_ids"].size(1),
-            batch_size=self.args.per_device_train_batch_size, compute_entropy=True,
+            self.model,
+            input_ids,
+            attention_mask,
+            output["completion_ids"].size(1),
+            batch_size=self.args.per_device_train_batch_size,
+            compute_entropy=True,
         )
         is_demo = torch.zeros_like(scores, dtype=torch.bool)
         return srft_advantages(entropies, is_demo, scores > 0, output["completion_mask"])
@@ -339,10 +354,20 @@ class HPTTrainer(GRPOTrainer):
             loss = loss + self.args.sft_loss_coef * self._demonstration_loss(model, inputs)
         return loss
 
-    # Loss types whose normalizer counts the micro-batch's rows: the loss of a row subset is rescaled by rows kept / rows
+    # Loss types whose normalizer counts the micro-batch's rows: a row subset's loss is rescaled by kept rows / rows
     MEAN_OVER_ROWS_LOSS_TYPES = ("grpo", "dr_grpo", "sapo", "luspo")
-    ROW_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "tool_mask",
-                "old_per_token_logps", "ref_per_token_logps", "sampling_per_token_logps", "importance_sampling_ratio")
+    ROW_KEYS = (
+        "prompt_ids",
+        "prompt_mask",
+        "completion_ids",
+        "completion_mask",
+        "advantages",
+        "tool_mask",
+        "old_per_token_logps",
+        "ref_per_token_logps",
+        "sampling_per_token_logps",
+        "importance_sampling_ratio",
+    )
 
     def _rl_loss_without_zero_rows(self, model, inputs: dict[str, Any]) -> torch.Tensor:
         """TRL's loss on the rows whose loss can be non-zero only (`skip_zero_loss_rows`), with the same value and
@@ -358,7 +383,9 @@ class HPTTrainer(GRPOTrainer):
             return super().compute_loss(model, inputs)
         if rows.numel() == 0:  # keep one (zero-loss) row: every process must run the same forward passes
             rows = rows.new_zeros(1)
-        subset = {key: value[rows] if key in self.ROW_KEYS and value is not None else value for key, value in inputs.items()}
+        subset = {
+            key: value[rows] if key in self.ROW_KEYS and value is not None else value for key, value in inputs.items()
+        }
         loss = super().compute_loss(model, subset)
         self._metrics["train"]["hpt/skipped_rows_fraction"].append(1.0 - rows.numel() / num_rows)
         if self.loss_type in self.MEAN_OVER_ROWS_LOSS_TYPES:
@@ -379,8 +406,12 @@ class HPTTrainer(GRPOTrainer):
         attention_mask = torch.cat([inputs["prompt_mask"][rows], demo_mask.long()], dim=1)
         srft = self.args.algorithm == "srft"
         logps, entropies, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, demo_ids.size(1),
-            batch_size=self.args.per_device_train_batch_size, compute_entropy=srft,
+            model,
+            input_ids,
+            attention_mask,
+            demo_ids.size(1),
+            batch_size=self.args.per_device_train_batch_size,
+            compute_entropy=srft,
         )
 
         # SFT: token NLL, normalized by the demonstration tokens of the whole generation batch; DDP averages over
@@ -400,7 +431,9 @@ class HPTTrainer(GRPOTrainer):
             if advantages.any():
                 per_token = self._demonstration_presets[preset].per_token_loss(logps, advantages=advantages)
                 rollout_normalizer = self.args.per_device_train_batch_size * self.args.max_completion_length
-                loss = loss + (per_token * demo_mask).sum() / (rollout_normalizer * self.current_gradient_accumulation_steps)
+                loss = loss + (per_token * demo_mask).sum() / (
+                    rollout_normalizer * self.current_gradient_accumulation_steps
+                )
 
         trained = demo_mask * (sft_weight > 0).unsqueeze(1)
         totals = self.accelerator.reduce(torch.stack([nll.detach().mul(trained).sum(), trained.sum()]), reduction="sum")

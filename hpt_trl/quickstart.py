@@ -72,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer, hidden_size=64, num_hidden_layers=2, intermediate_size=256, seed=args.seed)
     dataset = build_toy_math_dataset(max_digit=6, seed=0)
-    print(f"Tiny Llama: {sum(p.numel() for p in model.parameters()):,} parameters. Toy task: "
-          f"{len(dataset['train'])} train / {len(dataset['test'])} held-out problems, e.g. "
-          f"{dataset['train'][0]['prompt']!r} -> {dataset['train'][0]['completion']!r}")
+    print(
+        f"Tiny Llama: {sum(p.numel() for p in model.parameters()):,} parameters. Toy task: "
+        f"{len(dataset['train'])} train / {len(dataset['test'])} held-out problems, e.g. "
+        f"{dataset['train'][0]['prompt']!r} -> {dataset['train'][0]['completion']!r}"
+    )
     accuracy_before = greedy_accuracy(model, tokenizer, dataset["test"])
 
     config = HPTConfig(
@@ -129,9 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.output_dir, "quickstart_results.json"), "w") as f:
         json.dump({**summary, "sft_share_per_step": sft_share}, f, indent=2)
 
-    print(f"\nHeld-out accuracy (greedy, {len(dataset['test'])} problems): "
-          f"before {accuracy_before:.1%} -> after {accuracy_after:.1%}")
-    print(f"SFT share of prompts: first 10% of steps {summary['sft_share_first_10pct_steps']:.2f}, "
-          f"last 10% {summary['sft_share_last_10pct_steps']:.2f}, mean {summary['sft_share_mean']:.2f}")
+    print(
+        f"\nHeld-out accuracy (greedy, {len(dataset['test'])} problems): "
+        f"before {accuracy_before:.1%} -> after {accuracy_after:.1%}"
+    )
+    print(
+        f"SFT share of prompts: first 10% of steps {summary['sft_share_first_10pct_steps']:.2f}, "
+        f"last 10% {summary['sft_share_last_10pct_steps']:.2f}, mean {summary['sft_share_mean']:.2f}"
+    )
     print(f"Model saved to {final_dir}, plot to {plot_path}, in {summary['seconds']} s.")
     return 0

@@ -80,7 +80,9 @@ class HPTScriptArguments(ScriptArguments):
     )
     data_files: str | None = field(
         default=None,
-        metadata={"help": "A local .jsonl/.json/.parquet file or save_to_disk folder to train on (replaces dataset_name)."},
+        metadata={
+            "help": "A local .jsonl/.json/.parquet file or save_to_disk folder to train on (replaces dataset_name)."
+        },
     )
     dataset_limit: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
     conversational: bool = field(
@@ -125,7 +127,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[HPTScriptArguments, HPTCo
 
 
 def _reward_registry() -> dict:
-    from trl.rewards import accuracy_reward, get_soft_overlong_punishment, reasoning_accuracy_reward, think_format_reward
+    from trl.rewards import (
+        accuracy_reward,
+        get_soft_overlong_punishment,
+        reasoning_accuracy_reward,
+        think_format_reward,
+    )
 
     from .rewards import math_accuracy_reward
     from .toy_task import toy_answer_reward
@@ -190,7 +197,9 @@ def load_datasets(script_args: HPTScriptArguments, model_args: ModelConfig, need
     if script_args.data_files is not None:
         return limited(hpt_schema(data.read_local(script_args.data_files))), None
     if name is None:
-        raise ValueError("Set `dataset_name` (toy, gsm8k, math, math500, openr1_math_46k, a path or a Hub id) or `data_files`.")
+        raise ValueError(
+            "Set `dataset_name` (toy, gsm8k, math, math500, openr1_math_46k, a path or a Hub id) or `data_files`."
+        )
     if name == TOY_DATASET:
         from .toy_task import build_toy_math_dataset
 

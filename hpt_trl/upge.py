@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 __all__ = [
     "PRESETS",
     "UPGE",

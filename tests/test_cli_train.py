@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import ModelConfig
 
 from hpt_trl import HPTConfig
 from hpt_trl.cli import main as cli_main
 from hpt_trl.train import HPTScriptArguments, card_dataset_name, load_datasets, load_reward_funcs, parse_args
-from trl import ModelConfig
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 # The GPU recipes ask for bf16, which this CPU machine lacks: parse them as they would be on a GPU machine otherwise
@@ -66,8 +66,18 @@ def test_lora_recipe():
 
 def test_command_line_overrides_the_recipe():
     script_args, args, model_args = recipe(
-        "qwen2.5-math-7b.yaml", "--gamma", "0.5", "--max_steps", "3", "--reward_funcs", "toy_answer_reward",
-        "--use_peft", "--lora_r", "8", "--model_name_or_path", "tiny",
+        "qwen2.5-math-7b.yaml",
+        "--gamma",
+        "0.5",
+        "--max_steps",
+        "3",
+        "--reward_funcs",
+        "toy_answer_reward",
+        "--use_peft",
+        "--lora_r",
+        "8",
+        "--model_name_or_path",
+        "tiny",
     )
     assert (args.gamma, args.max_steps, args.learning_rate) == (0.5, 3, 5e-6)  # the rest stays as in the recipe
     assert script_args.reward_funcs == ["toy_answer_reward"]
@@ -85,7 +95,10 @@ def test_reward_names_and_dotted_paths():
     names = ["accuracy_reward", "toy_answer_reward", "think_format_reward", "helpers.half_solved_reward"]
     rewards = load_reward_funcs(HPTScriptArguments(reward_funcs=names))
     assert [getattr(r, "__name__", None) for r in rewards] == [
-        "accuracy_reward", "toy_answer_reward", "think_format_reward", "half_solved_reward"
+        "accuracy_reward",
+        "toy_answer_reward",
+        "think_format_reward",
+        "half_solved_reward",
     ]
     with pytest.raises(ValueError, match="Could not load reward function 'nope'"):
         load_reward_funcs(HPTScriptArguments(reward_funcs=["nope"]))
@@ -107,7 +120,10 @@ def test_datasets(tmp_path):
 
 def test_tiny_cpu_recipe_trains_saves_and_reloads(tmp_path):
     out = tmp_path / "run"
-    assert cli_main(["train", "--config", str(RECIPES / "tiny_cpu.yaml"), "--output_dir", str(out), "--max_steps", "3"]) == 0
+    assert (
+        cli_main(["train", "--config", str(RECIPES / "tiny_cpu.yaml"), "--output_dir", str(out), "--max_steps", "3"])
+        == 0
+    )
     gate_log = [json.loads(line) for line in (out / "hpt_gate.jsonl").read_text().splitlines()]
     assert [record["step"] for record in gate_log] == [0, 1, 2] and all(len(r["gated"]) == 8 for r in gate_log)
     model = AutoModelForCausalLM.from_pretrained(out)

@@ -18,8 +18,8 @@ The first DeepSpeed test builds DeepSpeed's CPU ops (about 1-2 minutes, cached i
 """
 
 import json
-import shutil
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -36,17 +36,28 @@ REPO = Path(__file__).resolve().parent.parent
 WORKER = str(REPO / "tests" / "distributed_worker.py")
 MAX_STEPS = 3
 COMMON = [
-    "--config", "recipes/tiny_cpu.yaml",
-    "--max_steps", str(MAX_STEPS),
-    "--reward_funcs", "helpers.half_solved_reward",
-    "--performance_reward", "half_solved_reward",
+    "--config",
+    "recipes/tiny_cpu.yaml",
+    "--max_steps",
+    str(MAX_STEPS),
+    "--reward_funcs",
+    "helpers.half_solved_reward",
+    "--performance_reward",
+    "half_solved_reward",
 ]
 GLOBAL_BATCH = 16  # rollouts per step: 8 prompts x 2 rollouts, = per_device_train_batch_size x processes
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", WANDB_DISABLED="true", ACCELERATE_DISABLE_RICH="1")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_DISABLED="true",
+        ACCELERATE_DISABLE_RICH="1",
+    )
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     return env
 
@@ -66,11 +77,21 @@ def run(output_dir, launcher=None, *options):
     else:
         num_processes = 2
         command = [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--config_file", f"examples/accelerate_configs/{launcher}.yaml",
-            "--num_processes", str(num_processes), "--mixed_precision", "no",
-            "--main_process_port", str(_free_port()),
-            WORKER, *COMMON, "--per_device_train_batch_size", str(GLOBAL_BATCH // num_processes),
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            f"examples/accelerate_configs/{launcher}.yaml",
+            "--num_processes",
+            str(num_processes),
+            "--mixed_precision",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+            WORKER,
+            *COMMON,
+            "--per_device_train_batch_size",
+            str(GLOBAL_BATCH // num_processes),
         ]
     command += ["--output_dir", output_dir, *options]
     process = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
@@ -145,8 +166,19 @@ def test_lora_under_ddp(reference, tmp_path):
     from peft import AutoPeftModelForCausalLM
 
     reference_result, reference_dir = reference
-    lora = ["--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "q_proj", "v_proj",
-            "--learning_rate", "5e-2", "--merge_adapter"]
+    lora = [
+        "--use_peft",
+        "--lora_r",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--lora_target_modules",
+        "q_proj",
+        "v_proj",
+        "--learning_rate",
+        "5e-2",
+        "--merge_adapter",
+    ]
     results = run(tmp_path, "ddp", *lora)
     assert_same_gate(results, reference_result, reference_dir, tmp_path)
     assert all(result["distributed_type"] == "DistributedType.MULTI_CPU" for result in results)
@@ -169,15 +201,46 @@ def test_lora_under_ddp(reference, tmp_path):
 
 def test_resume_under_ddp(tmp_path):
     """2 processes, interrupted after checkpoint-2 and resumed at an epoch boundary: same as uninterrupted."""
-    options = ["--config", "recipes/tiny_cpu.yaml", "--per_device_train_batch_size", "8", "--max_steps", "4",
-               "--save_strategy", "steps", "--save_steps", "2", "--lr_scheduler_type", "linear",
-               "--dataset_limit", "16",  # 8 prompts per step: 2 steps per epoch
-               "--reward_funcs", "helpers.mixed_reward", "--output_dir", str(tmp_path)]
+    options = [
+        "--config",
+        "recipes/tiny_cpu.yaml",
+        "--per_device_train_batch_size",
+        "8",
+        "--max_steps",
+        "4",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--lr_scheduler_type",
+        "linear",
+        "--dataset_limit",
+        "16",  # 8 prompts per step: 2 steps per epoch
+        "--reward_funcs",
+        "helpers.mixed_reward",
+        "--output_dir",
+        str(tmp_path),
+    ]
 
     def launch(*extra):
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   "examples/accelerate_configs/ddp.yaml", "--num_processes", "2", "--mixed_precision", "no",
-                   "--main_process_port", str(_free_port()), "-m", "hpt_trl.cli", "train", *options, *extra]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            "examples/accelerate_configs/ddp.yaml",
+            "--num_processes",
+            "2",
+            "--mixed_precision",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "hpt_trl.cli",
+            "train",
+            *options,
+            *extra,
+        ]
         env = _env()
         env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env["PYTHONPATH"]])
         process = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

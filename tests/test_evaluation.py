@@ -108,9 +108,7 @@ def test_cli_runs_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert evaluation.main(argv) == 0
     table = capsys.readouterr().out
     assert (
-        "| benchmark | problems | avg@2 | pass@2 |" in table
-        and "| gsm8k | 2 |" in table
-        and "| math500 | 2 |" in table
+        "| benchmark | problems | avg@2 | pass@2 |" in table and "| gsm8k | 2 |" in table and "| math500 | 2 |" in table
     )
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["config"]["backend"] == "transformers" and results["config"]["chat_template"] is True

@@ -7,13 +7,12 @@ import os
 
 import pytest
 import transformers.trainer
+from helpers import addition_dataset, half_solved_reward, tiny_args
 from huggingface_hub import ModelCard
 
 from hpt_trl import HPTTrainer
 from hpt_trl.model_card import SECTION_TITLE, add_hpt_settings, hpt_settings
 from hpt_trl.tiny import build_tiny_model, build_tiny_tokenizer
-
-from helpers import addition_dataset, half_solved_reward, tiny_args
 
 
 def make_trainer(output_dir, **overrides):
@@ -68,8 +67,10 @@ def test_card_has_hpt_tag_and_citation(pushed_card):
     card = ModelCard(text)
     assert {"hpt", "trl", "generated_from_trainer"} <= set(card.data.tags)
     assert card.data.datasets in ("Elliott/Openr1-Math-46k-8192", ["Elliott/Openr1-Math-46k-8192"])
-    assert "This model was trained with HPT, a method introduced in [Towards a Unified View of Large Language Model " \
-           "Post-Training](https://huggingface.co/papers/2509.04419)" in text
+    assert (
+        "This model was trained with HPT, a method introduced in [Towards a Unified View of Large Language Model "
+        "Post-Training](https://huggingface.co/papers/2509.04419)" in text
+    )
     assert "@article{lv2025towards," in text and "arXiv:2509.04419" in text
     assert "hpt-user/tiny-hpt" in text  # TRL's quick start points at the pushed model
 

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from helpers import addition_dataset, half_solved_reward, is_always_solved, mixed_reward
+from test_trainer import logged, make_trainer
 
 from hpt_trl import HPTConfig
 from hpt_trl.gate import linear_gate, mixed_group_advantages, switch_gate
-
-from helpers import addition_dataset, half_solved_reward, is_always_solved, mixed_reward
-from test_trainer import logged, make_trainer
 
 
 def run_and_capture(trainer):

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import mixed_reward, tiny_args
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -16,8 +17,6 @@ from hpt_trl import HPTTrainer
 from hpt_trl.cli import main as cli_main
 from hpt_trl.tiny import build_tiny_model, build_tiny_tokenizer
 from hpt_trl.toy_task import build_toy_math_dataset
-
-from helpers import mixed_reward, tiny_args
 
 
 class StopAt(TrainerCallback):
@@ -92,8 +91,21 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, num_prompts, k, n):
 def test_resume_from_the_command_line(tmp_path):
     """`hpt-trl train --resume_from_checkpoint true` continues from the last checkpoint in output_dir."""
     out = tmp_path / "run"
-    options = ["train", "--config", "recipes/tiny_cpu.yaml", "--output_dir", str(out), "--max_steps", "4",
-               "--save_strategy", "steps", "--save_steps", "2", "--lr_scheduler_type", "linear"]
+    options = [
+        "train",
+        "--config",
+        "recipes/tiny_cpu.yaml",
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "4",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--lr_scheduler_type",
+        "linear",
+    ]
     assert cli_main(options) == 0
     uninterrupted = load_file(out / "model.safetensors")
     gate_log = (out / "hpt_gate.jsonl").read_text().splitlines()

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
+from helpers import addition_dataset, half_solved_reward, is_always_solved, mixed_reward, prompt_text, tiny_args
 from peft import LoraConfig
 from trl import GRPOConfig, GRPOTrainer
 
@@ -13,10 +14,10 @@ from hpt_trl.demonstrations import demonstration_token_ids
 from hpt_trl.gate import performance_per_prompt, sft_gate
 from hpt_trl.tiny import END_OF_TURN_TOKEN, build_tiny_model, build_tiny_tokenizer
 
-from helpers import addition_dataset, half_solved_reward, is_always_solved, mixed_reward, prompt_text, tiny_args
 
-
-def make_trainer(tmp_path, trainer_class=HPTTrainer, config_class=HPTConfig, dataset=None, reward=mixed_reward, **overrides):
+def make_trainer(
+    tmp_path, trainer_class=HPTTrainer, config_class=HPTConfig, dataset=None, reward=mixed_reward, **overrides
+):
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer)
     args = tiny_args(tmp_path, config_class=config_class, **overrides)
@@ -107,8 +108,12 @@ def _sgd_update(tmp_path, **overrides):
 
 
 def test_update_does_not_depend_on_micro_batch_split(tmp_path):
-    split = _sgd_update(tmp_path / "split", num_generations=4, per_device_train_batch_size=8, gradient_accumulation_steps=2)
-    whole = _sgd_update(tmp_path / "whole", num_generations=4, per_device_train_batch_size=16, gradient_accumulation_steps=1)
+    split = _sgd_update(
+        tmp_path / "split", num_generations=4, per_device_train_batch_size=8, gradient_accumulation_steps=2
+    )
+    whole = _sgd_update(
+        tmp_path / "whole", num_generations=4, per_device_train_batch_size=16, gradient_accumulation_steps=1
+    )
     assert any(u.abs().max() > 1e-4 for u in whole)
     for u_split, u_whole in zip(split, whole):
         torch.testing.assert_close(u_split, u_whole, atol=1e-6, rtol=1e-5)
@@ -134,7 +139,9 @@ def test_conversational_demonstration_ends_at_end_of_turn():
     tokenizer = build_tiny_tokenizer()
     end = tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)
     prompt = [{"role": "user", "content": "1+2="}]
-    ids = demonstration_token_ids(prompt, [{"role": "assistant", "content": "1+2=3"}], tokenizer, [tokenizer.eos_token_id, end])
+    ids = demonstration_token_ids(
+        prompt, [{"role": "assistant", "content": "1+2=3"}], tokenizer, [tokenizer.eos_token_id, end]
+    )
     assert tokenizer.decode(ids) == "1+2=3" + END_OF_TURN_TOKEN  # the template's trailing newline is cut
     text_ids = demonstration_token_ids("1+2=", "1+2=3", tokenizer, [tokenizer.eos_token_id, end])
     assert text_ids[-1] == tokenizer.eos_token_id and tokenizer.decode(text_ids[:-1]) == "1+2=3"
@@ -222,7 +229,11 @@ def _with_demonstration(row_index, bad, conversational=False):
         (lambda: Dataset.from_dict({"prompt": ["1+1=", "2+2="], "completion": [2, 4]}), 0, "is a int"),
         (lambda: _with_demonstration(3, [], conversational=True), 3, "is an empty list of messages"),
         (lambda: _with_demonstration(2, [{"role": "user", "content": "x"}], True), 2, "has a message with role 'user'"),
-        (lambda: _with_demonstration(0, [{"role": "assistant", "content": " "}], True), 0, "has an assistant message with empty"),
+        (
+            lambda: _with_demonstration(0, [{"role": "assistant", "content": " "}], True),
+            0,
+            "has an assistant message with empty",
+        ),
     ],
 )
 def test_invalid_demonstration(tmp_path, dataset, row, reason):

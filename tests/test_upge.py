@@ -22,7 +22,6 @@ from hpt_trl.upge import (
     srft_weights,
 )
 
-
 ATOL = 1e-6
 B, T, V, G = 8, 7, 11, 4  # 2 prompts x 4 completions, 7 tokens, 11-token vocabulary
 MAX_LEN = 10  # TRL max_completion_length (> T: padded batches are shorter than the cap)
@@ -206,6 +205,7 @@ def test_ppo_clip_semantics():
     keep = torch.tensor([[0, 1, 1, 1, 0], [1, 0, 1, 1, 1]], dtype=torch.float64)
     expected = -keep * advantages.unsqueeze(1) * ratios / n
     torch.testing.assert_close(grad, expected, atol=ATOL, rtol=0)
+
     # TRL-style clipped objective (PPO token mean) has the same gradient.
     def clipped_objective(x):
         ratio, adv = torch.exp(x - old), advantages[:, None]
