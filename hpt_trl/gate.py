@@ -30,26 +30,19 @@ def rollout_scores(
     return scores.masked_fill(unscored, torch.nan)
 
 
-def performance_per_prompt(
-    rewards_per_func: torch.Tensor,
-    reward_weights: torch.Tensor,
-    num_generations: int,
-    performance_index: int | None = None,
-) -> torch.Tensor:
+def performance_per_prompt(scores: torch.Tensor, num_generations: int) -> torch.Tensor:
     """
-    Mean score of each prompt's rollouts.
+    P per prompt: the mean score of its rollouts.
 
     Args:
-        rewards_per_func, reward_weights, performance_index:
-            As in [`rollout_scores`]; rows are grouped by prompt.
+        scores (`torch.Tensor` of shape `(num_prompts * num_generations,)`):
+            Rollout scores as returned by [`rollout_scores`], grouped by prompt (NaN: unscored).
         num_generations (`int`):
             Rollouts per prompt.
 
     Returns:
-        `torch.Tensor` of shape `(num_prompts,)`: P per prompt, the mean over its scored rollouts, NaN if none was
-        scored.
+        `torch.Tensor` of shape `(num_prompts,)`: the mean over each prompt's scored rollouts, NaN if none was scored.
     """
-    scores = rollout_scores(rewards_per_func, reward_weights, performance_index)
     return torch.nanmean(scores.view(-1, num_generations), dim=1)
 
 

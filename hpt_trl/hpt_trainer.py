@@ -12,7 +12,15 @@ from trl import GRPOTrainer
 from trl.trainer.utils import RepeatSampler, get_config_model_id, pad
 
 from .demonstrations import demonstration_token_ids, validate_demonstrations
-from .gate import ESTIMATORS, GATE_TOLERANCE, linear_gate, mixed_group_advantages, rollout_scores, switch_gate
+from .gate import (
+    ESTIMATORS,
+    GATE_TOLERANCE,
+    linear_gate,
+    mixed_group_advantages,
+    performance_per_prompt,
+    rollout_scores,
+    switch_gate,
+)
 from .hpt_config import HPTConfig, check_gamma
 from .upge import PRESETS, get_preset, srft_advantages, srft_weights
 
@@ -252,7 +260,7 @@ class HPTTrainer(GRPOTrainer):
     def _apply_gate(self, inputs: list[dict[str, Any]], output: dict[str, Any]) -> dict[str, Any]:
         device, n = self.accelerator.device, self.num_generations
         scores = rollout_scores(self._gathered_rewards_per_func, self.reward_weights, self._performance_index)
-        performance = torch.nanmean(scores.view(-1, n), dim=1)
+        performance = performance_per_prompt(scores, n)
         plan = self._plan(performance, scores)  # one plan per prompt, the same on every process
 
         # Rows of this process, as indices into the gathered generation batch (prompt g owns rows g*n ... g*n+n-1)

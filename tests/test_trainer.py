@@ -11,7 +11,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from hpt_trl import HPTConfig, HPTTrainer
 from hpt_trl.demonstrations import demonstration_token_ids
-from hpt_trl.gate import performance_per_prompt, sft_gate
+from hpt_trl.gate import performance_per_prompt, rollout_scores, sft_gate
 from hpt_trl.tiny import END_OF_TURN_TOKEN, build_tiny_model, build_tiny_tokenizer
 
 
@@ -176,7 +176,7 @@ def test_max_demonstration_length_truncates_and_warns(tmp_path, caplog):
 
 def test_unscored_prompts_are_not_gated():
     rewards = torch.tensor([[0.0], [0.0], [torch.nan], [torch.nan], [torch.nan], [1.0]])
-    performance = performance_per_prompt(rewards, torch.ones(1), num_generations=2)
+    performance = performance_per_prompt(rollout_scores(rewards, torch.ones(1)), num_generations=2)
     assert performance[0] == 0.0 and math.isnan(performance[1]) and performance[2] == 1.0
     assert sft_gate(performance, 0.0).tolist() == [True, False, False]
     assert sft_gate(performance, 1.0).tolist() == [True, True, True]
@@ -185,9 +185,9 @@ def test_unscored_prompts_are_not_gated():
 
 def test_performance_reward_selects_one_function():
     rewards = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
-    assert performance_per_prompt(rewards, torch.tensor([1.0, 1.0]), 2).tolist() == [1.0, 1.0]
-    assert performance_per_prompt(rewards, torch.tensor([1.0, 1.0]), 2, performance_index=1).tolist() == [0.0, 1.0]
-    assert performance_per_prompt(rewards, torch.tensor([0.5, 2.0]), 2).tolist() == [0.5, 2.0]
+    assert performance_per_prompt(rollout_scores(rewards, torch.tensor([1.0, 1.0])), 2).tolist() == [1.0, 1.0]
+    assert performance_per_prompt(rollout_scores(rewards, torch.tensor([1.0, 1.0]), 1), 2).tolist() == [0.0, 1.0]
+    assert performance_per_prompt(rollout_scores(rewards, torch.tensor([0.5, 2.0])), 2).tolist() == [0.5, 2.0]
 
 
 def test_performance_reward_name_in_training(tmp_path):
