@@ -46,9 +46,8 @@ import torch
 from transformers import PrinterCallback
 from transformers.utils import logging as hf_logging
 
-from hpt_trl import HPTConfig, HPTTrainer
-from hpt_trl.quickstart import greedy_accuracy
-from hpt_trl.tiny import build_tiny_model, build_tiny_tokenizer
+from hpt_trl import HPTTrainer
+from hpt_trl.quickstart import build_quickstart_setup, greedy_accuracy, quickstart_config
 from hpt_trl.toy_task import build_toy_math_dataset, toy_answer_reward
 
 METHODS = ("sft", "grpo", "sft_then_grpo", "sft_then_grpo_low_lr", "luffy", "hpt")
@@ -69,31 +68,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def make_config(output_dir: str, algorithm: str, steps: int, seed: int, learning_rate: float, gamma: float):
-    return HPTConfig(
-        output_dir=output_dir,
-        algorithm=algorithm,
-        gamma=gamma,
-        num_generations=4,
-        per_device_train_batch_size=64,  # 16 prompts x 4 rollouts per step, as the quickstart
-        max_completion_length=24,
-        temperature=1.0,
-        learning_rate=learning_rate,
-        lr_scheduler_type="constant",
-        max_steps=steps,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        seed=seed,
-        disable_tqdm=True,
-    )
-
-
 def train(model, tokenizer, dataset, algorithm: str, steps: int, seed: int, args, work_dir: str, learning_rate=None):
     learning_rate = args.learning_rate if learning_rate is None else learning_rate
-    config = make_config(work_dir, algorithm, steps, seed, learning_rate, args.gamma)
+    config = quickstart_config(work_dir, steps, learning_rate, seed, algorithm=algorithm, gamma=args.gamma)
     trainer = HPTTrainer(
         model=model, reward_funcs=toy_answer_reward, args=config, train_dataset=dataset, processing_class=tokenizer
     )
@@ -123,9 +100,7 @@ def zero_loss_prompts(gate_history: list[dict], algorithm: str) -> tuple[int, in
 def run_one(method: str, seed: int, args) -> dict:
     start = time.time()
     torch.manual_seed(seed)
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer, hidden_size=64, num_hidden_layers=2, intermediate_size=256, seed=seed)
-    dataset = build_toy_math_dataset(max_digit=6, seed=0)
+    tokenizer, model, dataset = build_quickstart_setup(seed)
     accuracy_before = greedy_accuracy(model, tokenizer, dataset["test"])
     with tempfile.TemporaryDirectory(prefix=f"hpt-learning-{method}-{seed}-") as work_dir:
         if method.startswith("sft_then_grpo"):

@@ -53,6 +53,36 @@ def greedy_accuracy(model, tokenizer, dataset, max_new_tokens: int = 24, batch_s
     return correct / len(dataset)
 
 
+def build_quickstart_setup(seed: int = 0):
+    """The quickstart's tiny tokenizer, model (138k parameters, initialised with `seed`) and toy task (fixed split)."""
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, hidden_size=64, num_hidden_layers=2, intermediate_size=256, seed=seed)
+    return tokenizer, model, build_toy_math_dataset(max_digit=6, seed=0)
+
+
+def quickstart_config(output_dir: str, max_steps: int, learning_rate: float, seed: int, **overrides) -> HPTConfig:
+    """The quickstart's training settings: 16 prompts x 4 rollouts per step, CPU; `overrides` are `HPTConfig` fields."""
+    settings = dict(
+        output_dir=output_dir,
+        num_generations=4,
+        per_device_train_batch_size=64,  # 16 prompts x 4 rollouts per step
+        max_completion_length=24,
+        temperature=1.0,
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+        max_steps=max_steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        seed=seed,
+        disable_tqdm=True,
+    )
+    return HPTConfig(**{**settings, **overrides})
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="hpt-trl quickstart", description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="hpt-quickstart")
@@ -69,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     start = time.time()
 
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer, hidden_size=64, num_hidden_layers=2, intermediate_size=256, seed=args.seed)
-    dataset = build_toy_math_dataset(max_digit=6, seed=0)
+    tokenizer, model, dataset = build_quickstart_setup(args.seed)
     print(
         f"Tiny Llama: {sum(p.numel() for p in model.parameters()):,} parameters. Toy task: "
         f"{len(dataset['train'])} train / {len(dataset['test'])} held-out problems, e.g. "
@@ -79,24 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     accuracy_before = greedy_accuracy(model, tokenizer, dataset["test"])
 
-    config = HPTConfig(
-        output_dir=args.output_dir,
-        gamma=args.gamma,
-        num_generations=4,
-        per_device_train_batch_size=64,  # 16 prompts x 4 rollouts per step
-        max_completion_length=24,
-        temperature=1.0,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="constant",
-        max_steps=args.max_steps,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        seed=args.seed,
-        disable_tqdm=True,
+    config = quickstart_config(
+        args.output_dir, max_steps=args.max_steps, learning_rate=args.learning_rate, seed=args.seed, gamma=args.gamma
     )
     trainer = HPTTrainer(
         model=model,
