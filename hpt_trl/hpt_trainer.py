@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
-from trl.trainer.utils import RepeatSampler, get_config_model_id, pad
+from trl.trainer.utils import RepeatSampler, get_config_model_id
 
 from .demonstrations import demonstration_token_ids, validate_demonstrations
 from .gate import (
@@ -245,7 +245,8 @@ class HPTTrainer(GRPOTrainer):
             else:
                 alpha, beta = switch_gate(performance, args.gamma)
             alpha, beta = torch.as_tensor(alpha, dtype=torch.float32), torch.as_tensor(beta, dtype=torch.float32)
-            labels = ["sft" if b == 1 and a == 0 else "rl" if b == 0 else "mixed" for a, b in zip(alpha, beta)]
+            pairs = zip(alpha.tolist(), beta.tolist())
+            labels = ["sft" if b == 1 and a == 0 else "rl" if b == 0 else "mixed" for a, b in pairs]
             plan.update(alpha=alpha, sft=beta, labels=labels)
             if args.gamma_off is not None:
                 band = (beta == 0) & (performance > args.gamma) & (performance <= args.gamma_off + GATE_TOLERANCE)
@@ -298,16 +299,7 @@ class HPTTrainer(GRPOTrainer):
 
         # Demonstrations: one per prompt that trains one, stored on its first rollout's row so that TRL's shuffle and
         # split carry it into the right micro-batch
-        max_length = self.args.max_demonstration_length
-        demonstrations = [
-            torch.tensor(self._demonstration_ids(inputs[i], max_length)) if owns else torch.tensor([], dtype=torch.long)
-            for i, owns in enumerate(owns_demonstration.tolist())
-        ]
-        demo_mask = pad([torch.ones_like(ids) for ids in demonstrations], padding_value=0, padding_side="right")
-        demo_ids = pad(demonstrations, padding_value=self._tokenizer.pad_token_id, padding_side="right")
-        if demo_ids.size(1) == 0:  # no demonstration on this process: keep one column for the placeholder row
-            demo_ids = torch.full((len(inputs), 1), self._tokenizer.pad_token_id, dtype=torch.long)
-            demo_mask = torch.zeros_like(demo_ids)
+        demo_ids, demo_mask = self._pad_demonstrations(inputs, owns_demonstration.nonzero().squeeze(1).tolist())
         sft_tokens = (demo_mask.sum(dim=1) * (owns_demonstration & (demo_weights["sft"] > 0))).sum()
         demo_tokens = self.accelerator.reduce(sft_tokens.to(device), reduction="sum")
         metrics["hpt/demo_tokens"].append(demo_tokens.item())
@@ -316,6 +308,19 @@ class HPTTrainer(GRPOTrainer):
             output[f"demo_{key}_weight"] = (weight * owns_demonstration).to(device)
         output["demo_tokens_in_batch"] = demo_tokens  # 0-dim: TRL's shuffle and split leave it whole
         return output
+
+    def _pad_demonstrations(self, inputs: list[dict[str, Any]], owners: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids and mask of the demonstrations of rows `owners`, all padding elsewhere (at least one column,
+        for the placeholder row). Built from one list per tensor: this runs every step."""
+        demonstrations = {
+            row: self._demonstration_ids(inputs[row], self.args.max_demonstration_length) for row in owners
+        }
+        width = max((len(ids) for ids in demonstrations.values()), default=1)
+        rows = [demonstrations.get(row, []) for row in range(len(inputs))]
+        pad_id = self._tokenizer.pad_token_id
+        demo_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids in rows], dtype=torch.long)
+        demo_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in rows], dtype=torch.long)
+        return demo_ids, demo_mask
 
     @torch.no_grad()
     def _srft_rollout_advantages(self, output: dict[str, Any], scores: torch.Tensor) -> torch.Tensor:
@@ -409,7 +414,8 @@ class HPTTrainer(GRPOTrainer):
             # A zero-weight placeholder row: every process must run the same forward passes (ZeRO-3 gathers the
             # sharded parameters in each one)
             rows = torch.zeros(1, dtype=torch.long, device=demo_mask.device)
-        demo_ids, demo_mask = inputs["demo_ids"][rows], demo_mask[rows].float()
+        width = max(int(demo_mask[rows].sum(dim=1).max()), 1)  # this micro-batch's longest demonstration
+        demo_ids, demo_mask = inputs["demo_ids"][rows, :width], demo_mask[rows, :width].float()
         input_ids = torch.cat([inputs["prompt_ids"][rows], demo_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"][rows], demo_mask.long()], dim=1)
         srft = self.args.algorithm == "srft"
