@@ -1,6 +1,6 @@
 """Learning benchmark: SFT, GRPO, SFT->GRPO, LUFFY and HPT from scratch on the quickstart's toy task (CPU).
 
-    OMP_NUM_THREADS=1 python benchmarks/learning.py                  # 6 methods x 3 seeds x 600 steps, ~45-70 min
+    OMP_NUM_THREADS=1 python benchmarks/learning.py                  # 6 methods x 3 seeds x 600 steps, ~20-25 min
     OMP_NUM_THREADS=1 python benchmarks/learning.py --steps 2 --seeds 0 --methods sft hpt   # smoke run
 
 Every method trains the same randomly initialised tiny Llama (`hpt_trl.quickstart`'s sizes: hidden 64, 2 layers)
