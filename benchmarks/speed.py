@@ -7,7 +7,7 @@
 Two settings, the same reward for every trainer:
 
 1. `never_gated`: every rollout scores 1, so P = 1 for every prompt and HPT's gate (gamma=0) never fires;
-2. `half_gated`: `half_solved_reward` (as in `tests/helpers.py`): rollouts of prompts whose first operand is even
+2. `half_gated`: `hpt_trl.toy_task.half_solved_reward`: rollouts of prompts whose first operand is even
    score 1, the others 0, so exactly half of the prompts (8 of 16 in every step) have P = 0 and are trained with SFT
    on their demonstration. GRPO gets the same reward (its advantages are then all zero, but it runs the same passes).
 
@@ -55,6 +55,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from hpt_trl.toy_task import half_solved_reward, is_always_solved  # noqa: E402 (this checkout's hpt_trl)
+
 SETTINGS = ("never_gated", "half_gated")
 TRAINERS = ("grpo", "hpt")  # A, B
 SKIP_VARIANT = "hpt_skip"  # C: HPTTrainer with skip_zero_loss_rows=True (the issue's stretch goal), where available
@@ -64,19 +66,6 @@ TARGET_MEMORY = 1.05
 
 
 # ----------------------------------------------------------------------------------------------------------- rewards
-def _prompt_text(prompt) -> str:
-    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
-
-
-def is_always_solved(prompt) -> bool:
-    return int(_prompt_text(prompt).split("+")[0]) % 2 == 0
-
-
-def half_solved_reward(prompts, completions, **kwargs):
-    """1 for every rollout of an even-first-operand prompt, 0 for every rollout of an odd one (tests/helpers.py)."""
-    return [1.0 if is_always_solved(prompt) else 0.0 for prompt in prompts]
-
-
 def always_solved_reward(prompts, completions, **kwargs):
     """1 for every rollout: P = 1 for every prompt, HPT's gate never fires."""
     return [1.0 for _ in prompts]

@@ -65,3 +65,22 @@ def toy_answer_reward(completions: list, solution: list[str], **kwargs) -> list[
     """1.0 when the completion's final answer equals the solution, else 0.0 (a TRL reward function)."""
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
     return [float(extract_answer(text) == gold) for text, gold in zip(texts, solution)]
+
+
+def prompt_text(prompt: str | list[dict]) -> str:
+    """The text of a plain or conversational prompt (its last message)."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def is_always_solved(prompt: str | list[dict]) -> bool:
+    """Whether `half_solved_reward` scores this `a+...=` prompt 1: its first operand is even."""
+    return int(prompt_text(prompt).split("+")[0]) % 2 == 0
+
+
+def half_solved_reward(prompts: list, completions: list, **kwargs) -> list[float]:
+    """1 for every rollout of an even-first-operand prompt, 0 for every rollout of an odd one.
+
+    A reward with a known gate outcome, for tests and benchmarks: at `gamma=0` exactly the odd-first-operand prompts
+    are gated, whatever the model writes.
+    """
+    return [1.0 if is_always_solved(prompt) else 0.0 for prompt in prompts]

@@ -3,6 +3,7 @@
 from datasets import Dataset
 
 from hpt_trl import HPTConfig
+from hpt_trl.toy_task import half_solved_reward, is_always_solved, prompt_text  # noqa: F401 (used by the tests)
 
 
 def addition_dataset(conversational: bool = False, size: int = 4) -> Dataset:
@@ -22,19 +23,6 @@ def addition_dataset(conversational: bool = False, size: int = 4) -> Dataset:
         else:
             rows.append({"prompt": prompt, "completion": demonstration, "solution": str(a + b)})
     return Dataset.from_list(rows)
-
-
-def prompt_text(prompt) -> str:
-    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
-
-
-def is_always_solved(prompt) -> bool:
-    return int(prompt_text(prompt).split("+")[0]) % 2 == 0
-
-
-def half_solved_reward(prompts, completions, **kwargs):
-    """1 for every rollout of an even-`a` prompt, 0 for every rollout of an odd one."""
-    return [1.0 if is_always_solved(prompt) else 0.0 for prompt in prompts]
 
 
 def mixed_reward(prompts, completions, **kwargs):
@@ -63,3 +51,4 @@ def tiny_args(output_dir, config_class=HPTConfig, **overrides):
     )
     values.update(overrides)
     return config_class(**values)
+
