@@ -1,5 +1,8 @@
 """Small datasets, rewards and configs shared by the tests."""
 
+import shutil
+from pathlib import Path
+
 from datasets import Dataset
 
 from hpt_trl import HPTConfig
@@ -52,3 +55,27 @@ def tiny_args(output_dir, config_class=HPTConfig, **overrides):
     values.update(overrides)
     return config_class(**values)
 
+
+# `hpt-trl train` options of the resume tests: 4 steps of the tiny recipe, a checkpoint every 2 steps
+RESUME_TRAIN_OPTIONS = [
+    "--config",
+    "recipes/tiny_cpu.yaml",
+    "--max_steps",
+    "4",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "2",
+    "--lr_scheduler_type",
+    "linear",
+]
+
+
+def crash_after_checkpoint_2(output_dir: Path) -> list[str]:
+    """Make a finished 4-step run look as if it crashed after checkpoint-2 (drop checkpoint-4, the final model and the
+    gate log's last 2 steps); return the run's whole gate log."""
+    gate_log = (output_dir / "hpt_gate.jsonl").read_text().splitlines()
+    shutil.rmtree(output_dir / "checkpoint-4")
+    (output_dir / "model.safetensors").unlink()
+    (output_dir / "hpt_gate.jsonl").write_text("\n".join(gate_log[:2]) + "\n")
+    return gate_log

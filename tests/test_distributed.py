@@ -19,7 +19,6 @@ The first DeepSpeed test builds DeepSpeed's CPU ops (about 1-2 minutes, cached i
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import RESUME_TRAIN_OPTIONS, crash_after_checkpoint_2
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -202,18 +202,9 @@ def test_lora_under_ddp(reference, tmp_path):
 def test_resume_under_ddp(tmp_path):
     """2 processes, interrupted after checkpoint-2 and resumed at an epoch boundary: same as uninterrupted."""
     options = [
-        "--config",
-        "recipes/tiny_cpu.yaml",
+        *RESUME_TRAIN_OPTIONS,
         "--per_device_train_batch_size",
         "8",
-        "--max_steps",
-        "4",
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "2",
-        "--lr_scheduler_type",
-        "linear",
         "--dataset_limit",
         "16",  # 8 prompts per step: 2 steps per epoch
         "--reward_funcs",
@@ -248,12 +239,8 @@ def test_resume_under_ddp(tmp_path):
 
     launch()
     uninterrupted = load_file(tmp_path / "model.safetensors")
-    gate_log = (tmp_path / "hpt_gate.jsonl").read_text().splitlines()
+    gate_log = crash_after_checkpoint_2(tmp_path)  # then resume from the last checkpoint
     assert len(gate_log) == 4
-    # Simulate a crash after checkpoint-2, then resume from the last checkpoint
-    shutil.rmtree(tmp_path / "checkpoint-4")
-    (tmp_path / "model.safetensors").unlink()
-    (tmp_path / "hpt_gate.jsonl").write_text("\n".join(gate_log[:2]) + "\n")
     launch("--resume_from_checkpoint", "true")
     assert (tmp_path / "hpt_gate.jsonl").read_text().splitlines() == gate_log
     resumed = load_file(tmp_path / "model.safetensors")

@@ -5,11 +5,10 @@ the resumed run samples the same rollouts (the Trainer restores the RNG states s
 """
 
 import json
-import shutil
 
 import pytest
 import torch
-from helpers import mixed_reward, tiny_args
+from helpers import RESUME_TRAIN_OPTIONS, crash_after_checkpoint_2, mixed_reward, tiny_args
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -91,30 +90,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, num_prompts, k, n):
 def test_resume_from_the_command_line(tmp_path):
     """`hpt-trl train --resume_from_checkpoint true` continues from the last checkpoint in output_dir."""
     out = tmp_path / "run"
-    options = [
-        "train",
-        "--config",
-        "recipes/tiny_cpu.yaml",
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        "4",
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "2",
-        "--lr_scheduler_type",
-        "linear",
-    ]
+    options = ["train", *RESUME_TRAIN_OPTIONS, "--output_dir", str(out)]
     assert cli_main(options) == 0
     uninterrupted = load_file(out / "model.safetensors")
-    gate_log = (out / "hpt_gate.jsonl").read_text().splitlines()
+    gate_log = crash_after_checkpoint_2(out)  # then resume from the last checkpoint
     assert len(gate_log) == 4
-
-    # Simulate a crash after checkpoint-2: drop what came later, then resume from the last checkpoint
-    shutil.rmtree(out / "checkpoint-4")
-    (out / "model.safetensors").unlink()
-    (out / "hpt_gate.jsonl").write_text("\n".join(gate_log[:2]) + "\n")
 
     assert cli_main(options + ["--resume_from_checkpoint", "true"]) == 0
     resumed = load_file(out / "model.safetensors")
