@@ -16,14 +16,17 @@ def _describe_demonstration_problem(demonstration) -> str | None:
     if isinstance(demonstration, list):
         if not demonstration:
             return "is an empty list of messages"
+        if len(demonstration) > 1:
+            return (
+                f"has {len(demonstration)} messages; a demonstration is one assistant message (the completion the "
+                "model should generate after the prompt): join them into one"
+            )
         for message in demonstration:
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 return f"has a message that is not a {{'role': ..., 'content': ...}} dict: {message!r:.80}"
             if message["role"] != "assistant":
                 return f"has a message with role {message['role']!r}; demonstration messages must be 'assistant'"
-            content = message["content"]
-            if isinstance(content, list):  # content blocks, e.g. [{"type": "text", "text": ...}]
-                content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+            content = message_text(message["content"])
             if not isinstance(content, str) or not content.strip():
                 return f"has an assistant message with empty or non-string content: {message['content']!r:.80}"
         return None
@@ -70,47 +73,93 @@ def validate_demonstrations(dataset: Dataset | IterableDataset | None, column: s
             )
 
 
+THINK_OPEN = "<think>"
+_SENTINEL = "HPTDEMONSTRATIONSENTINEL"
+
+
+def message_text(content):
+    """The text of a message's content: a string, or the joined text of content blocks such as
+    `[{"type": "text", "text": ...}]`. Anything else is returned as is (and rejected by the validation)."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content
+
+
+def demonstration_content(demonstration: str | list[dict]) -> str:
+    """The text of a demonstration: the string itself, or its one assistant message's content."""
+    return demonstration if isinstance(demonstration, str) else message_text(demonstration[-1]["content"])
+
+
+def end_of_turn_token_id(
+    processing_class: PreTrainedTokenizerBase, eos_token_ids: Sequence[int], **template_kwargs
+) -> int:
+    """
+    The token an assistant turn ends with in the chat template, among the tokens generation stops on: the first of
+    `eos_token_ids` that the template puts after an assistant message's content. `eos_token_ids[0]` if it puts none.
+    """
+    messages = [{"role": "user", "content": "1"}, {"role": "assistant", "content": _SENTINEL}]
+    text = apply_chat_template({"messages": messages}, processing_class, **template_kwargs)["text"]
+    if _SENTINEL in text:
+        suffix = processing_class(text=text.split(_SENTINEL)[-1], add_special_tokens=False)["input_ids"]
+        for token in suffix:
+            if token in eos_token_ids:
+                return token
+    return eos_token_ids[0]
+
+
 def demonstration_token_ids(
     prompt: str | list[dict],
     demonstration: str | list[dict],
     processing_class: PreTrainedTokenizerBase,
     eos_token_ids: Sequence[int],
     max_length: int | None = None,
+    end_of_turn_id: int | None = None,
     **template_kwargs,
 ) -> list[int]:
     """
-    Tokenize a demonstration as the completion of `prompt`, in the format a rollout has.
+    Tokenize a demonstration as the completion the model would generate after the prompt's generation prompt.
 
-    Plain text gets the EOS token appended. A conversational demonstration is rendered with the chat template after the
-    prompt's generation prompt, and cut right after the first stop token (the end-of-turn token generation stops on),
-    so text the template adds after it, such as a newline, is not trained on.
+    The trainer puts these ids after the exact prompt ids the rollouts are conditioned on (TRL's generation prompt),
+    so the ids are:
+
+    1. the demonstration's content, as text (content blocks joined); text inside it that looks like a special token,
+       e.g. an EOS or end-of-turn token, is tokenized as text, never as a cut point. When the generation prompt
+       already opens a reasoning block (it ends with `<think>`, as DeepSeek-R1's templates do), a leading `<think>`
+       of the content is dropped, since the model generates after it;
+    2. then the end-of-turn token generation stops on: for a conversational prompt the first stop token the chat
+       template puts after an assistant message (see [`end_of_turn_token_id`]), for plain text `eos_token_ids[0]`.
+
+    The chat template is not applied to the demonstration itself: templates such as DeepSeek-R1's drop everything up to
+    `</think>` from assistant messages, which would drop the reasoning trace from the SFT target.
 
     Args:
         prompt (`str` or `list[dict]`):
             The prompt, as in the dataset.
         demonstration (`str` or `list[dict]`):
-            The demonstration, as in the dataset.
+            The demonstration: a string, or one assistant message.
         processing_class ([`~transformers.PreTrainedTokenizerBase`]):
             Tokenizer (for a processor, its `tokenizer`).
         eos_token_ids (`Sequence[int]`):
-            Tokens that end a completion (the trainer's `eos_token_ids`); the first one is appended when the
-            demonstration does not end with one.
+            Tokens that end a completion (the trainer's `eos_token_ids`).
         max_length (`int` or `None`, *optional*):
             Keep at most this many tokens.
+        end_of_turn_id (`int` or `None`, *optional*):
+            The end-of-turn token of a conversational prompt, if already known (computed otherwise).
         **template_kwargs:
             Passed to the chat template (e.g. `tools`, `chat_template`, `enable_thinking`).
 
     Returns:
         `list[int]`: demonstration token ids, without the prompt.
     """
+    content = demonstration_content(demonstration)
     if is_conversational({"prompt": prompt}):
-        if isinstance(demonstration, str):
-            demonstration = [{"role": "assistant", "content": demonstration}]
-        example = {"prompt": prompt, "completion": demonstration}
-        text = apply_chat_template(example, processing_class, **template_kwargs)["completion"]
+        generation_prompt = apply_chat_template({"prompt": prompt}, processing_class, **template_kwargs)["prompt"]
+        if generation_prompt.rstrip().endswith(THINK_OPEN) and content.lstrip().startswith(THINK_OPEN):
+            content = content.lstrip()[len(THINK_OPEN) :].lstrip("\n")
+        if end_of_turn_id is None:
+            end_of_turn_id = end_of_turn_token_id(processing_class, eos_token_ids, **template_kwargs)
     else:
-        text = demonstration if isinstance(demonstration, str) else demonstration[-1]["content"]
-    ids = processing_class(text=text, add_special_tokens=False)["input_ids"]
-    stops = [index for index, token in enumerate(ids) if token in eos_token_ids]
-    ids = ids[: stops[0] + 1] if stops else ids + [eos_token_ids[0]]
+        end_of_turn_id = eos_token_ids[0]
+    ids = processing_class(text=content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    ids = ids + [end_of_turn_id]
     return ids[:max_length] if max_length is not None else ids

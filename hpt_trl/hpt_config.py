@@ -3,6 +3,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from .balance import check_loss_type
+
 
 def check_gamma(gamma: float) -> None:
     """Raise a `ValueError` unless `gamma` is a real number (NaN would silently disable the gate)."""
@@ -27,9 +29,11 @@ class HPTConfig(GRPOConfig):
     the RL term is Dr. GRPO, i.e. `loss_type="dr_grpo"` (constant length normalizer) with `scale_rewards="none"` (no
     std scaling of the advantages), and no KL penalty (`beta=0.0`).
 
-    For each prompt, HPT samples `num_generations` rollouts, scores them, and computes the prompt's performance P as
-    the mean score. A prompt with `P <= gamma` is trained with SFT on its demonstration (alpha=0, beta=1 in the
-    paper's Algorithm 1); every other prompt with the RL loss (alpha=1, beta=0).
+    For each prompt, HPT samples `num_generations` rollouts, scores them, and computes the prompt's performance P, the
+    share of its rollouts that succeeded. A prompt with `P <= gamma` is trained with SFT on its demonstration (alpha=0,
+    beta=1 in the paper's Algorithm 1): its rollouts leave the RL loss and its demonstration enters as one row that
+    weighs as much as one full-length rollout with advantage 1, as in the authors' code. Every other prompt is trained
+    with the RL loss (alpha=1, beta=0).
 
     Parameters:
         gamma (`float`, *optional*, defaults to `0.0`):
@@ -38,16 +42,24 @@ class HPTConfig(GRPOConfig):
             `0.25` with 8 rollouts means "at most 2 correct" (its LLaMA setting). `gamma < 0` never gates (pure
             GRPO), `gamma >= 1` always gates (pure SFT). P is compared with a tolerance of `1e-6`.
         sft_loss_coef (`float`, *optional*, defaults to `1.0`):
-            Coefficient of the SFT term (the demonstration NLL) in the total loss.
+            Coefficient of the SFT term, with the authors' meaning: a gated prompt's demonstration (its token-mean
+            NLL) weighs `sft_loss_coef` times one full-length rollout with advantage 1 under the RL term's normalizer.
+            The authors use 1.0, and 0.3 for Qwen2.5-Math-1.5B.
         demonstration_column (`str`, *optional*, defaults to `"completion"`):
             Dataset column holding each prompt's demonstration: a string, or a conversational list of messages such as
             `[{"role": "assistant", "content": "..."}]`. The default follows TRL's prompt-completion convention, so
             the same dataset serves [`~trl.SFTTrainer`] and [`HPTTrainer`].
         performance_reward (`str` or `None`, *optional*, defaults to `None`):
-            Name of the reward function that defines P (see `reward_func_names` on the trainer, e.g.
-            `"accuracy_reward"`). If `None`, P uses the weighted sum of all reward functions, as TRL's logged
-            `reward`. P is the mean over the prompt's scored rollouts (a `None` reward leaves a rollout unscored); a
-            prompt with no scored rollout has P = NaN and is not gated, unless `gamma >= 1`.
+            Name of the correctness reward, the reward function that defines success (see `reward_func_names` on the
+            trainer, e.g. `"math_accuracy_reward"`). With one reward function, it is that one. With several and
+            `None`, the trainer picks the one known verifier among them (`math_accuracy_reward`, `accuracy_reward`,
+            `reasoning_accuracy_reward`) and logs it, or stops at construction with the list of names. Other reward
+            functions (format bonuses, ...) still shape the RL advantages but never P.
+        success_threshold (`float`, *optional*, defaults to `1.0`):
+            A rollout succeeded when its correctness reward is `>= success_threshold`. P is the share of a prompt's
+            scored rollouts that succeeded (a `None` reward leaves a rollout unscored); a prompt with no scored
+            rollout has P = NaN and is not gated, unless `gamma >= 1`. The same rule splits SRFT's positive and
+            negative rollouts.
         max_demonstration_length (`int` or `None`, *optional*, defaults to `None`):
             Maximum number of demonstration tokens (the prompt is not counted). Longer demonstrations are truncated,
             with a one-time warning at construction that says how many. `None` keeps them whole.
@@ -73,11 +85,14 @@ class HPTConfig(GRPOConfig):
         gate_linear_upper (`float`, *optional*, defaults to `0.5`):
             Upper threshold of the `"linear"` gate.
         gamma_off (`float` or `None`, *optional*, defaults to `None`):
-            Middle band of the authors' "2-stage switch": a prompt with `gamma < P <= gamma_off` keeps its rollouts on
-            RL and also trains its demonstration with off-policy RL (UPGE's `offline` preset: `pi_ref = 1`, no clip),
-            with the advantage it gets as one more member of its group. `None` disables the band.
+            The authors' middle band (`switch_gate_off`): a prompt with `gamma < P <= gamma_off` drops all its
+            rollouts, and its demonstration, alone in its group, is trained with off-policy RL: advantage
+            `demonstration_reward` (veRL gives a one-member group its score), LUFFY's shaping
+            `p/(p+luffy_shaping_gamma)`, no clip, weighed as one rollout. `None` disables the band (the authors'
+            scripts use `switch_gate_off=0`, i.e. no band).
         demonstration_reward (`float`, *optional*, defaults to `1.0`):
-            Reward given to a demonstration when it joins a group (`"luffy"`, middle band).
+            Reward of a demonstration (its verifier score): its advantage in the middle band, and its combined reward
+            as a member of a LUFFY group.
         luffy_shaping_gamma (`float`, *optional*, defaults to `0.1`):
             LUFFY's policy-shaping constant.
 
@@ -110,7 +125,10 @@ class HPTConfig(GRPOConfig):
             "otherwise with RL. gamma < 0 never gates, gamma >= 1 always gates."
         },
     )
-    sft_loss_coef: float = field(default=1.0, metadata={"help": "Coefficient of the SFT term."})
+    sft_loss_coef: float = field(
+        default=1.0,
+        metadata={"help": "Coefficient of the SFT term: a demonstration weighs this many full-length rollouts."},
+    )
     demonstration_column: str = field(
         default="completion",
         metadata={"help": "Dataset column holding each prompt's demonstration (text or assistant messages)."},
@@ -118,8 +136,12 @@ class HPTConfig(GRPOConfig):
     performance_reward: str | None = field(
         default=None,
         metadata={
-            "help": "Name of the reward function that defines P. Default: the weighted sum of all reward functions."
+            "help": "Name of the correctness reward that defines success. Default: the only reward function, or the "
+            "one known verifier among several."
         },
+    )
+    success_threshold: float = field(
+        default=1.0, metadata={"help": "A rollout succeeded when its correctness reward is >= this value."}
     )
     max_demonstration_length: int | None = field(
         default=None,
@@ -133,7 +155,7 @@ class HPTConfig(GRPOConfig):
     gate_linear_upper: float = field(default=0.5, metadata={"help": "Upper threshold of the 'linear' gate."})
     gamma_off: float | None = field(
         default=None,
-        metadata={"help": "Middle band: gamma < P <= gamma_off also trains the demonstration with off-policy RL."},
+        metadata={"help": "Middle band: gamma < P <= gamma_off drops the rollouts and trains the demonstration off-policy."},
     )
     demonstration_reward: float = field(default=1.0, metadata={"help": "Reward of a demonstration in a group."})
     luffy_shaping_gamma: float = field(default=0.1, metadata={"help": "LUFFY's policy-shaping constant."})
@@ -169,7 +191,22 @@ class HPTConfig(GRPOConfig):
                 )
         if self.gamma_off is not None and not self.gamma_off > self.gamma:
             raise ValueError(f"`gamma_off` ({self.gamma_off}) must be greater than `gamma` ({self.gamma}).")
+        if not math.isfinite(self.success_threshold):
+            raise ValueError(f"`success_threshold` must be a finite number, got {self.success_threshold!r}.")
+        check_loss_type(self.loss_type, self.trains_demonstrations)
+        if self.algorithm == "luffy" and self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                "algorithm='luffy' computes the advantages of a group of rollouts plus the demonstration as TRL does "
+                "with multi_objective_aggregation='sum_then_normalize'; with 'normalize_then_sum' a demonstration would "
+                "need a score from every reward function, which it does not have."
+            )
         if self.max_demonstration_length is not None and self.max_demonstration_length < 1:
             raise ValueError(
                 f"`max_demonstration_length` must be positive or None, got {self.max_demonstration_length}."
             )
+
+    @property
+    def trains_demonstrations(self) -> bool:
+        """Whether this configuration can put demonstrations in the loss."""
+        never_gated = self.algorithm == "hpt" and self.gamma < 0 and self.gate == "switch" and self.gamma_off is None
+        return self.algorithm != "grpo" and not never_gated

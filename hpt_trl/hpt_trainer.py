@@ -9,22 +9,32 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
-from trl.trainer.utils import RepeatSampler, get_config_model_id
+from trl.data_utils import is_conversational
+from trl.trainer.utils import RepeatSampler, get_callable_name, get_config_model_id
 
-from .demonstrations import demonstration_token_ids, validate_demonstrations
+from .balance import demonstration_sft_loss, rollout_normalizer
+from .demonstrations import demonstration_token_ids, end_of_turn_token_id, validate_demonstrations
 from .gate import (
     ESTIMATORS,
-    GATE_TOLERANCE,
-    linear_gate,
-    mixed_group_advantages,
-    performance_per_prompt,
-    rollout_scores,
-    switch_gate,
+    GateInputs,
+    GatePlan,
+    GateSettings,
+    finite_or_none,
+    plan_gate,
+    resolve_performance_reward,
+    rollout_success,
 )
 from .hpt_config import HPTConfig, check_gamma
 from .upge import PRESETS, get_preset, srft_advantages, srft_weights
 
 logger = logging.getLogger(__name__)
+
+# Keys HPT adds to TRL's generation batch. Per-row tensors ride along TRL's shuffle and micro-batch split; a
+# demonstration is stored on its prompt's first rollout's row.
+DEMO_IDS = "hpt_demo_ids"  # (rows, length) demonstration token ids, right-padded
+DEMO_MASK = "hpt_demo_mask"  # (rows, length) 1 on demonstration tokens
+DEMO_SFT_WEIGHT = "hpt_demo_sft_weight"  # (rows,) beta of the row's demonstration, 0 if none
+DEMO_ADVANTAGE = "hpt_demo_advantage"  # (rows,) advantage of the row's demonstration in off-policy RL, 0 if none
 
 
 def _prompt_id(prompt: Any) -> str:
@@ -59,12 +69,14 @@ class HPTTrainer(GRPOTrainer):
     [`~trl.GRPOTrainer`]. It overrides only the reward gathering (to keep the gathered rewards), the end of
     `_generate_and_score_completions` (to apply the gate) and `compute_loss` (to add the SFT term).
 
-    The gate is global: P is computed from the rewards gathered across all processes, so every process agrees on every
-    prompt. A gated prompt's rollouts are removed from the RL loss through TRL's per-token loss mask (`tool_mask`), so
-    TRL's normalizers are left unchanged, and its demonstration is trained once, by the process that holds the prompt's
-    first rollout. The SFT term is normalized by the number of demonstration tokens in the whole generation batch, and
-    scaled for gradient accumulation as TRL scales its `"dapo"` loss, so the update does not depend on how the batch is
-    split into micro-batches or processes.
+    P is the share of a prompt's rollouts that succeeded: their correctness reward (`performance_reward`) is at least
+    `success_threshold`. The gate is global: P is computed from the rewards gathered across all processes, so every
+    process agrees on every prompt. The per-prompt decisions are a [`~hpt_trl.gate.GatePlan`] from the pure functions
+    of `hpt_trl.gate`; the trainer only applies it. A gated prompt's rollouts are removed from the RL loss through
+    TRL's per-token loss mask (`tool_mask`), so TRL's normalizers are left unchanged, and its demonstration is trained
+    once, by the process that holds the prompt's first rollout, as one row that weighs as much as one full-length
+    rollout with advantage 1 (the authors' balance, see `hpt_trl.balance`). The update does not depend on how the
+    batch is split into micro-batches or processes.
 
     Example:
 
@@ -93,8 +105,9 @@ class HPTTrainer(GRPOTrainer):
             `(alpha, beta)` per prompt, the weights of the RL and SFT terms. Overrides `args.gate`.
 
     Metrics (in the usual Trainer logs): `hpt/sft_fraction` (share of prompts gated in the generation batch),
-    `hpt/performance_mean` (mean P), `hpt/demo_tokens` (demonstration tokens in the generation batch), `hpt/sft_loss`
-    (token-mean NLL of the demonstrations) and `hpt/rl_loss` (TRL's loss). Every gate decision is also appended to
+    `hpt/performance_mean` (mean P), `hpt/estimator/{rl,sft,mixed,middle,luffy,srft}` (share of prompts per
+    estimator), `hpt/demo_tokens` (SFT demonstration tokens in the generation batch), `hpt/sft_loss` (token-mean NLL
+    of the demonstrations) and `hpt/rl_loss` (TRL's loss). Every gate decision is also appended to
     `output_dir/hpt_gate.jsonl` and kept in `trainer.gate_history`.
     """
 
@@ -132,25 +145,41 @@ class HPTTrainer(GRPOTrainer):
             )
         # Reject bad input before the model is loaded
         check_gamma(args.gamma)
-        validate_demonstrations(train_dataset, args.demonstration_column)
+        trains_demonstrations = args.trains_demonstrations or gate_function is not None
+        if trains_demonstrations:
+            validate_demonstrations(train_dataset, args.demonstration_column)
+        funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+        if reward_funcs is not None and all(callable(f) and not hasattr(f, "config") for f in funcs):
+            resolve_performance_reward([get_callable_name(f) for f in funcs], args.performance_reward)
 
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, **kwargs)
 
-        self._performance_index = self._resolve_performance_reward(args.performance_reward)
+        self._performance_index, reason = resolve_performance_reward(self.reward_func_names, args.performance_reward)
+        logger.info(reason)
+        if args.skip_zero_loss_rows and self.aux_loss_enabled:
+            raise ValueError(
+                "`skip_zero_loss_rows=True` is not exact for a mixture-of-experts model with `output_router_logits`: "
+                "the router's auxiliary loss would be computed over the kept rows only. Set skip_zero_loss_rows=False."
+            )
         self._template_kwargs = dict(self.chat_template_kwargs)
         if self.tools:
             self._template_kwargs["tools"] = self.tools
         if self.chat_template is not None:
             self._template_kwargs["chat_template"] = self.chat_template
+        self._end_of_turn_id = None
+        if trains_demonstrations and train_dataset is not None and is_conversational(next(iter(train_dataset))):
+            self._end_of_turn_id = end_of_turn_token_id(self._tokenizer, self.eos_token_ids, **self._template_kwargs)
         if args.max_demonstration_length is not None:
             self._warn_about_long_demonstrations(train_dataset)
         self._gathered_rewards_per_func = None
-        self.gate_function = gate_function
-        self._demonstration_presets = {
-            "offline": PRESETS["offline"],
-            "luffy": get_preset("luffy", gamma=args.luffy_shaping_gamma),
-        }
+        self._gate_settings = GateSettings.from_config(args, gate_function)
+        self._demonstration_preset = get_preset("luffy", gamma=args.luffy_shaping_gamma)
         self.gate_history: list[dict] = []
+
+    @property
+    def gate_function(self) -> Callable | None:
+        """The custom feedback function, if any."""
+        return self._gate_settings.gate_function
 
     def _get_train_sampler(self, dataset=None):
         sampler = super()._get_train_sampler(dataset)
@@ -165,16 +194,6 @@ class HPTTrainer(GRPOTrainer):
 
             add_hpt_settings(os.path.join(self.args.output_dir, "README.md"), self.args, self.reward_func_names)
 
-    def _resolve_performance_reward(self, name: str | None) -> int | None:
-        if name is None:
-            return None
-        if name not in self.reward_func_names:
-            raise ValueError(
-                f"`performance_reward={name!r}` is not one of the reward functions: {self.reward_func_names}. Set it "
-                "to the name of the reward that scores correctness (0/1), or to None to use the weighted sum of all."
-            )
-        return self.reward_func_names.index(name)
-
     def _demonstration_ids(self, example: dict, max_length: int | None) -> list[int]:
         return demonstration_token_ids(
             example["prompt"],
@@ -182,6 +201,7 @@ class HPTTrainer(GRPOTrainer):
             self._tokenizer,
             self.eos_token_ids,
             max_length=max_length,
+            end_of_turn_id=self._end_of_turn_id,
             **self._template_kwargs,
         )
 
@@ -207,106 +227,61 @@ class HPTTrainer(GRPOTrainer):
             return output
         return self._apply_gate(inputs, output)
 
-    def _plan(self, performance: torch.Tensor, scores: torch.Tensor) -> dict[str, Any]:
-        """Per-prompt UPGE plan: rollout weights, demonstration weights and advantages, estimator labels."""
-        args, num_prompts, n = self.args, performance.numel(), self.num_generations
-        ones, zeros = torch.ones(num_prompts), torch.zeros(num_prompts)
-        plan = {
-            "alpha": ones,
-            "sft": zeros,
-            "offline": zeros,
-            "luffy": zeros,
-            "rollout_advantages": None,
-            "drop_last_rollout": False,
-            "labels": ["rl"] * num_prompts,
-        }
-        performance, grouped_scores = performance.cpu(), scores.view(-1, n).cpu()
-        if args.algorithm == "sft":
-            plan.update(alpha=zeros, sft=ones, labels=["sft"] * num_prompts)
-        elif args.algorithm == "srft":
-            plan.update(sft=ones, labels=["srft"] * num_prompts)
-        elif args.algorithm == "luffy":
-            keep = torch.ones(num_prompts, n, dtype=torch.bool)
-            keep[:, -1] = False  # the demonstration takes the last rollout's place
-            rollout_advantages, demo_advantages = mixed_group_advantages(
-                grouped_scores, args.demonstration_reward, args.scale_rewards == "group", keep
-            )
-            plan.update(
-                luffy=demo_advantages,
-                rollout_advantages=rollout_advantages,
-                drop_last_rollout=True,
-                labels=["luffy"] * num_prompts,
-            )
-        elif args.algorithm == "hpt":
-            if self.gate_function is not None:
-                alpha, beta = self.gate_function(performance)
-            elif args.gate == "linear":
-                alpha, beta = linear_gate(performance, args.gamma, args.gate_linear_upper)
-            else:
-                alpha, beta = switch_gate(performance, args.gamma)
-            alpha, beta = torch.as_tensor(alpha, dtype=torch.float32), torch.as_tensor(beta, dtype=torch.float32)
-            pairs = zip(alpha.tolist(), beta.tolist())
-            labels = ["sft" if b == 1 and a == 0 else "rl" if b == 0 else "mixed" for a, b in pairs]
-            plan.update(alpha=alpha, sft=beta, labels=labels)
-            if args.gamma_off is not None:
-                band = (beta == 0) & (performance > args.gamma) & (performance <= args.gamma_off + GATE_TOLERANCE)
-                rollout_advantages, demo_advantages = mixed_group_advantages(
-                    grouped_scores, args.demonstration_reward, args.scale_rewards == "group"
-                )
-                plan["offline"] = torch.where(band, demo_advantages, zeros)
-                plan["rollout_advantages"] = torch.where(band.unsqueeze(1), rollout_advantages, torch.nan)
-                plan["labels"] = ["offline" if in_band else label for in_band, label in zip(band, labels)]
-        return plan
+    def _combined_rewards(self) -> torch.Tensor:
+        """TRL's combined reward per rollout: the weighted sum of the reward functions, NaN where all returned None."""
+        rewards_per_func = self._gathered_rewards_per_func
+        unscorable = torch.isnan(rewards_per_func).all(dim=1)
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+        return rewards.masked_fill(unscorable, torch.nan)
 
     def _apply_gate(self, inputs: list[dict[str, Any]], output: dict[str, Any]) -> dict[str, Any]:
         device, n = self.accelerator.device, self.num_generations
-        scores = rollout_scores(self._gathered_rewards_per_func, self.reward_weights, self._performance_index)
-        performance = performance_per_prompt(scores, n)
-        plan = self._plan(performance, scores)  # one plan per prompt, the same on every process
+        success = rollout_success(self._gathered_rewards_per_func, self._performance_index, self.args.success_threshold)
+        batch = GateInputs(
+            success=success.view(-1, n).cpu(),
+            rewards=self._combined_rewards().view(-1, n).cpu(),
+            has_demonstration=torch.ones(success.numel() // n, dtype=torch.bool),
+        )
+        plan = plan_gate(self.args.algorithm, batch, self._gate_settings)  # the same on every process
 
         # Rows of this process, as indices into the gathered generation batch (prompt g owns rows g*n ... g*n+n-1)
         start = self.accelerator.process_index * len(inputs)
         global_rows = torch.arange(start, start + len(inputs))
         prompt_of_row, position_in_group = global_rows // n, global_rows % n
-        row_alpha = plan["alpha"][prompt_of_row]
-        if plan["drop_last_rollout"]:
-            row_alpha = row_alpha * (position_in_group != n - 1)
-        demo_weights = {key: plan[key][prompt_of_row] for key in ("sft", "offline", "luffy")}
-        has_demonstration = (plan["sft"] != 0) | (plan["offline"] != 0) | (plan["luffy"] != 0)
-        owns_demonstration = has_demonstration[prompt_of_row] & (position_in_group == 0)  # the first rollout's row
+        owns_demonstration = plan.trains_demonstration[prompt_of_row] & (position_in_group == 0)
 
-        self._record_gate(inputs, global_rows, performance, plan)
+        self._record_gate(inputs, global_rows, plan)
         metrics = self._metrics["train"]
-        metrics["hpt/sft_fraction"].append((plan["sft"] > 0).float().mean().item())
-        metrics["hpt/performance_mean"].append(torch.nanmean(performance).item())
+        metrics["hpt/sft_fraction"].append(plan.gated.float().mean().item())
+        metrics["hpt/performance_mean"].append(torch.nanmean(plan.performance).item())
         for estimator in ESTIMATORS:
-            metrics[f"hpt/estimator/{estimator}"].append(plan["labels"].count(estimator) / len(plan["labels"]))
+            metrics[f"hpt/estimator/{estimator}"].append(plan.labels.count(estimator) / len(plan.labels))
 
         # alpha: weight of each rollout in TRL's RL loss, through its per-token loss mask (normalizers unchanged)
-        if (row_alpha != 1).any():
+        row_weights = plan.rollout_weights.reshape(-1)[global_rows]
+        if (row_weights != 1).any():
             loss_mask = output.get("tool_mask")
             loss_mask = torch.ones_like(output["completion_mask"]) if loss_mask is None else loss_mask
-            output["tool_mask"] = loss_mask * row_alpha.unsqueeze(1).to(device)
-        if plan["rollout_advantages"] is not None:
-            override = plan["rollout_advantages"].reshape(-1)[global_rows].to(device)
+            output["tool_mask"] = loss_mask * row_weights.unsqueeze(1).to(device)
+        if plan.rollout_advantages is not None:
+            override = plan.rollout_advantages.reshape(-1)[global_rows].to(device)
             output["advantages"] = torch.where(torch.isnan(override), output["advantages"], override)
         if self.args.algorithm == "srft":
-            output["advantages"] = self._srft_rollout_advantages(output, scores[global_rows].to(device))
+            output["advantages"] = self._srft_rollout_advantages(output, success[global_rows].to(device))
 
-        if not has_demonstration.any():
+        if not plan.trains_demonstration.any():
             metrics["hpt/demo_tokens"].append(0.0)
             return output
 
         # Demonstrations: one per prompt that trains one, stored on its first rollout's row so that TRL's shuffle and
         # split carry it into the right micro-batch
         demo_ids, demo_mask = self._pad_demonstrations(inputs, owns_demonstration.nonzero().squeeze(1).tolist())
-        sft_tokens = (demo_mask.sum(dim=1) * (owns_demonstration & (demo_weights["sft"] > 0))).sum()
-        demo_tokens = self.accelerator.reduce(sft_tokens.to(device), reduction="sum")
-        metrics["hpt/demo_tokens"].append(demo_tokens.item())
-        output["demo_ids"], output["demo_mask"] = demo_ids.to(device), demo_mask.to(device)
-        for key, weight in demo_weights.items():
-            output[f"demo_{key}_weight"] = (weight * owns_demonstration).to(device)
-        output["demo_tokens_in_batch"] = demo_tokens  # 0-dim: TRL's shuffle and split leave it whole
+        sft_weights = plan.sft_weights[prompt_of_row] * owns_demonstration
+        sft_tokens = (demo_mask.sum(dim=1) * (sft_weights > 0)).sum()
+        metrics["hpt/demo_tokens"].append(self.accelerator.reduce(sft_tokens.to(device), reduction="sum").item())
+        output[DEMO_IDS], output[DEMO_MASK] = demo_ids.to(device), demo_mask.to(device)
+        output[DEMO_SFT_WEIGHT] = sft_weights.to(device)
+        output[DEMO_ADVANTAGE] = (plan.demonstration_advantages[prompt_of_row] * owns_demonstration).to(device)
         return output
 
     def _pad_demonstrations(self, inputs: list[dict[str, Any]], owners: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,8 +298,9 @@ class HPTTrainer(GRPOTrainer):
         return demo_ids, demo_mask
 
     @torch.no_grad()
-    def _srft_rollout_advantages(self, output: dict[str, Any], scores: torch.Tensor) -> torch.Tensor:
-        """SRFT's RL weights: `0.1*exp(H)` for correct rollouts, `-1` for the others (H: the sequence's entropy)."""
+    def _srft_rollout_advantages(self, output: dict[str, Any], success: torch.Tensor) -> torch.Tensor:
+        """SRFT's RL weights: `0.1*exp(H)` for successful rollouts, `-1` for failed ones, 0 for unscored ones (H: the
+        sequence's entropy)."""
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         _, entropies, _ = self._get_per_token_logps_and_entropies(
@@ -335,19 +311,20 @@ class HPTTrainer(GRPOTrainer):
             batch_size=self.args.per_device_train_batch_size,
             compute_entropy=True,
         )
-        is_demo = torch.zeros_like(scores, dtype=torch.bool)
-        return srft_advantages(entropies, is_demo, scores > 0, output["completion_mask"])
+        is_demo = torch.zeros_like(success, dtype=torch.bool)
+        advantages = srft_advantages(entropies, is_demo, success == 1, output["completion_mask"])
+        return advantages.masked_fill(torch.isnan(success), 0.0)
 
-    def _record_gate(self, inputs, global_rows, performance, plan) -> None:
+    def _record_gate(self, inputs, global_rows, plan: GatePlan) -> None:
         first_rollouts = (global_rows % self.num_generations == 0).tolist()
         prompts = [_prompt_id(example["prompt"]) for example, first in zip(inputs, first_rollouts) if first]
         prompts = gather_object(prompts) if self.accelerator.num_processes > 1 else prompts
         record = {
             "step": self.state.global_step,
             "prompt_ids": prompts,
-            "performance": [None if p != p else round(p, 6) for p in performance.tolist()],
-            "gated": (plan["sft"] > 0).tolist(),
-            "estimator": plan["labels"],
+            "performance": [finite_or_none(p) for p in plan.performance.tolist()],
+            "gated": plan.gated.tolist(),
+            "estimator": list(plan.labels),
         }
         self.gate_history.append(record)
         if self.accelerator.is_main_process:
@@ -363,8 +340,8 @@ class HPTTrainer(GRPOTrainer):
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0  # TRL's loss is scaled for GA
         self._metrics[mode]["hpt/rl_loss"].append(self.accelerator.gather(loss.detach() * scale).mean().item())
-        if "demo_ids" in inputs:
-            loss = loss + self.args.sft_loss_coef * self._demonstration_loss(model, inputs)
+        if DEMO_IDS in inputs:
+            loss = loss + self._demonstration_loss(model, inputs)
         return loss
 
     # Loss types whose normalizer counts the micro-batch's rows: a row subset's loss is rescaled by kept rows / rows
@@ -406,16 +383,16 @@ class HPTTrainer(GRPOTrainer):
         return loss
 
     def _demonstration_loss(self, model, inputs: dict[str, Any]) -> torch.Tensor:
-        """The demonstrations' UPGE terms in this micro-batch: SFT (`sft` preset) and off-policy RL (`offline`,
-        `luffy` presets)."""
-        demo_mask = inputs["demo_mask"]
+        """The demonstrations' UPGE terms in this micro-batch: SFT (`sft` preset, times `sft_loss_coef`) and off-policy
+        RL (`luffy` preset: LUFFY and the middle band), each demonstration weighed as one full-length rollout."""
+        demo_mask = inputs[DEMO_MASK]
         rows = demo_mask.any(dim=1).nonzero().squeeze(1)
         if rows.numel() == 0:
             # A zero-weight placeholder row: every process must run the same forward passes (ZeRO-3 gathers the
             # sharded parameters in each one)
             rows = torch.zeros(1, dtype=torch.long, device=demo_mask.device)
         width = max(int(demo_mask[rows].sum(dim=1).max()), 1)  # this micro-batch's longest demonstration
-        demo_ids, demo_mask = inputs["demo_ids"][rows, :width], demo_mask[rows, :width].float()
+        demo_ids, demo_mask = inputs[DEMO_IDS][rows, :width], demo_mask[rows, :width].float()
         input_ids = torch.cat([inputs["prompt_ids"][rows], demo_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"][rows], demo_mask.long()], dim=1)
         srft = self.args.algorithm == "srft"
@@ -427,27 +404,27 @@ class HPTTrainer(GRPOTrainer):
             batch_size=self.args.per_device_train_batch_size,
             compute_entropy=srft,
         )
+        normalizer = rollout_normalizer(
+            self.loss_type,
+            max_completion_length=self.max_completion_length,
+            per_device_batch_size=self.args.per_device_train_batch_size,
+            gradient_accumulation_steps=self.current_gradient_accumulation_steps,
+            steps_per_generation=self.args.steps_per_generation,
+            num_processes=self.accelerator.num_processes,
+            num_items_in_batch=inputs.get("num_items_in_batch"),
+        )
 
-        # SFT: token NLL, normalized by the demonstration tokens of the whole generation batch; DDP averages over
-        # processes, and one optimizer step spans gradient_accumulation_steps of its steps_per_generation micro-batches
-        # (TRL's "dapo" normalizer)
-        sft_weight = inputs["demo_sft_weight"][rows]
+        sft_weight = inputs[DEMO_SFT_WEIGHT][rows]
         if srft:
             sft_weight = sft_weight * srft_weights(entropies, demo_mask)[0]
         nll = PRESETS["sft"].per_token_loss(logps) * demo_mask
-        normalizer = inputs["demo_tokens_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-        normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-        loss = (nll.sum(dim=1) * sft_weight).sum() / normalizer
-
-        # Off-policy RL on demonstrations, normalized as one more rollout under Dr. GRPO's constant normalizer
-        for preset in ("offline", "luffy"):
-            advantages = inputs[f"demo_{preset}_weight"][rows]
-            if advantages.any():
-                per_token = self._demonstration_presets[preset].per_token_loss(logps, advantages=advantages)
-                rollout_normalizer = self.args.per_device_train_batch_size * self.args.max_completion_length
-                loss = loss + (per_token * demo_mask).sum() / (
-                    rollout_normalizer * self.current_gradient_accumulation_steps
-                )
+        loss = self.args.sft_loss_coef * demonstration_sft_loss(
+            nll, demo_mask, sft_weight, self.max_completion_length, normalizer
+        )
+        advantages = inputs[DEMO_ADVANTAGE][rows]
+        if advantages.any():
+            per_token = self._demonstration_preset.per_token_loss(logps, advantages=advantages)
+            loss = loss + (per_token * demo_mask).sum() / normalizer
 
         trained = demo_mask * (sft_weight > 0).unsqueeze(1)
         totals = self.accelerator.reduce(torch.stack([nll.detach().mul(trained).sum(), trained.sum()]), reduction="sum")

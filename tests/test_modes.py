@@ -6,7 +6,8 @@ from helpers import addition_dataset, half_solved_reward, is_always_solved, mixe
 from test_trainer import logged, make_trainer
 
 from hpt_trl import HPTConfig
-from hpt_trl.gate import linear_gate, mixed_group_advantages, switch_gate
+from hpt_trl.gate import linear_gate, switch_gate
+from hpt_trl.hpt_trainer import DEMO_ADVANTAGE, DEMO_IDS, DEMO_SFT_WEIGHT
 
 
 def run_and_capture(trainer):
@@ -37,18 +38,18 @@ def test_each_algorithm_trains(tmp_path, algorithm):
         assert len(record["estimator"]) == 4
     inputs, output = batches[0]
     if algorithm == "grpo":
-        assert "demo_ids" not in output and "tool_mask" not in output
+        assert DEMO_IDS not in output and "tool_mask" not in output
     if algorithm == "sft":
-        assert (output["tool_mask"] == 0).all() and (output["demo_sft_weight"] > 0).sum() == 4
+        assert (output["tool_mask"] == 0).all() and (output[DEMO_SFT_WEIGHT] > 0).sum() == 4
     if algorithm == "luffy":
         # the last rollout of each group (n=2) leaves the RL loss; the demonstration joins the group instead
         assert output["tool_mask"][1::2].eq(0).all() and output["tool_mask"][0::2].eq(1).all()
-        assert "demo_luffy_weight" in output and not (output["demo_sft_weight"] != 0).any()
+        assert (output[DEMO_ADVANTAGE] != 0).any() and not (output[DEMO_SFT_WEIGHT] != 0).any()
     if algorithm == "srft":
         scores = torch.tensor(mixed_reward([x["prompt"] for x in inputs], [""] * len(inputs)))
         assert (output["advantages"][scores == 0] == -1).all()
         assert (output["advantages"][scores > 0] > 0.1).all()  # 0.1 * exp(H) with H > 0
-        assert (output["demo_sft_weight"] > 0).sum() == 4
+        assert (output[DEMO_SFT_WEIGHT] > 0).sum() == 4
 
 
 def test_linear_gate_values():
@@ -68,7 +69,7 @@ def test_linear_gate_weights_both_terms(tmp_path):
         p = record["performance"][row // 2]
         assert output["tool_mask"][row].max().item() == pytest.approx(p)  # alpha = P on [0, 1]
         if row % 2 == 0:
-            assert output["demo_sft_weight"][row].item() == pytest.approx(1 - p)
+            assert output[DEMO_SFT_WEIGHT][row].item() == pytest.approx(1 - p)
     assert "mixed" in record["estimator"] or all(p in (0.0, 1.0) for p in record["performance"])
 
 
@@ -87,37 +88,24 @@ def test_custom_gate_function(tmp_path):
     )
     inputs, output = run_and_capture(trainer)[0]
     torch.testing.assert_close(output["tool_mask"].amax(dim=1), torch.full((8,), 0.3))
-    torch.testing.assert_close(output["demo_sft_weight"][0::2], torch.full((4,), 0.7))
+    torch.testing.assert_close(output[DEMO_SFT_WEIGHT][0::2], torch.full((4,), 0.7))
     assert trainer.gate_history[0]["estimator"] == ["mixed"] * 4
 
 
-def test_middle_band_trains_demonstration_off_policy(tmp_path):
+def test_middle_band_is_the_authors_rule(tmp_path):
+    # gamma < P <= gamma_off: all rollouts leave the loss; the demonstration, alone in its group, gets its score (1.0)
+    # as advantage and is trained with LUFFY's shaping (mix_trainer.py: on_remove_num = n, off_add_num = -1)
     trainer = make_trainer(tmp_path, gamma=0.0, gamma_off=1.0, max_steps=1)
     inputs, output = run_and_capture(trainer)[0]
     record = trainer.gate_history[0]
-    for row in range(0, len(inputs), 2):
-        solved, p = is_always_solved(inputs[row]["prompt"]), record["performance"][row // 2]
-        assert record["estimator"][row // 2] == ("offline" if solved else "sft")
-        if solved:  # the demonstration (reward 1) joins the group: A = 1 - mean(rollouts + demonstration)
-            assert output["demo_offline_weight"][row].item() == pytest.approx(1 - (2 * p + 1) / 3, abs=1e-6)
-            assert output["demo_sft_weight"][row] == 0
-        else:
-            assert output["demo_offline_weight"][row] == 0 and output["demo_sft_weight"][row] == 1
-    assert logged(trainer, "hpt/estimator/offline") == [0.5]
-
-
-def test_mixed_group_advantages():
-    rewards = torch.tensor([[0.0, 1.0, 0.0, 1.0]])
-    rollout, demo = mixed_group_advantages(rewards, 1.0, scale=False)
-    torch.testing.assert_close(rollout, torch.tensor([[-0.6, 0.4, -0.6, 0.4]]))
-    torch.testing.assert_close(demo, torch.tensor([0.4]))
-    keep = torch.tensor([[True, True, True, False]])
-    rollout, demo = mixed_group_advantages(rewards, 1.0, scale=False, keep=keep)
-    torch.testing.assert_close(rollout, torch.tensor([[-0.5, 0.5, -0.5, 0.0]]))
-    torch.testing.assert_close(demo, torch.tensor([0.5]))
-    rollout, demo = mixed_group_advantages(rewards, 1.0, scale=True, keep=keep)
-    std = torch.tensor([0.0, 1.0, 0.0, 1.0]).std()
-    torch.testing.assert_close(demo, torch.tensor([0.5]) / (std + 1e-4))
+    for row in range(len(inputs)):
+        solved = is_always_solved(inputs[row]["prompt"])
+        assert record["estimator"][row // 2] == ("middle" if solved else "sft")
+        assert (output["tool_mask"][row] == 0).all()
+        first = row % 2 == 0
+        assert output[DEMO_ADVANTAGE][row].item() == (1.0 if solved and first else 0.0)
+        assert output[DEMO_SFT_WEIGHT][row].item() == (1.0 if first and not solved else 0.0)
+    assert logged(trainer, "hpt/estimator/middle") == [0.5]
 
 
 @pytest.mark.parametrize(

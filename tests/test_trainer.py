@@ -11,7 +11,8 @@ from trl import GRPOConfig, GRPOTrainer
 
 from hpt_trl import HPTConfig, HPTTrainer
 from hpt_trl.demonstrations import demonstration_token_ids
-from hpt_trl.gate import performance_per_prompt, rollout_scores, sft_gate
+from hpt_trl.gate import performance_per_prompt, rollout_success, sft_gate
+from hpt_trl.hpt_trainer import DEMO_IDS, DEMO_MASK
 from hpt_trl.tiny import END_OF_TURN_TOKEN, build_tiny_model, build_tiny_tokenizer
 
 
@@ -56,8 +57,8 @@ def test_exact_gate_half_solved(tmp_path):
     original = trainer._demonstration_loss
 
     def spy(model, inputs):
-        rows = inputs["demo_mask"].any(dim=1)
-        for ids, mask in zip(inputs["demo_ids"][rows], inputs["demo_mask"][rows]):
+        rows = inputs[DEMO_MASK].any(dim=1)
+        for ids, mask in zip(inputs[DEMO_IDS][rows], inputs[DEMO_MASK][rows]):
             seen_demonstrations.append(trainer.processing_class.decode(ids[mask.bool()], skip_special_tokens=True))
         return original(model, inputs)
 
@@ -176,18 +177,11 @@ def test_max_demonstration_length_truncates_and_warns(tmp_path, caplog):
 
 def test_unscored_prompts_are_not_gated():
     rewards = torch.tensor([[0.0], [0.0], [torch.nan], [torch.nan], [torch.nan], [1.0]])
-    performance = performance_per_prompt(rollout_scores(rewards, torch.ones(1)), num_generations=2)
+    performance = performance_per_prompt(rollout_success(rewards, 0, 1.0), num_generations=2)
     assert performance[0] == 0.0 and math.isnan(performance[1]) and performance[2] == 1.0
     assert sft_gate(performance, 0.0).tolist() == [True, False, False]
     assert sft_gate(performance, 1.0).tolist() == [True, True, True]
     assert sft_gate(performance, -0.5).tolist() == [False, False, False]
-
-
-def test_performance_reward_selects_one_function():
-    rewards = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
-    assert performance_per_prompt(rollout_scores(rewards, torch.tensor([1.0, 1.0])), 2).tolist() == [1.0, 1.0]
-    assert performance_per_prompt(rollout_scores(rewards, torch.tensor([1.0, 1.0]), 1), 2).tolist() == [0.0, 1.0]
-    assert performance_per_prompt(rollout_scores(rewards, torch.tensor([0.5, 2.0])), 2).tolist() == [0.5, 2.0]
 
 
 def test_performance_reward_name_in_training(tmp_path):
