@@ -1,8 +1,11 @@
 """`hpt-trl eval`: sample k completions per problem and report avg@k and pass@k, verified with math-verify.
 
 avg@k is the mean score over all k samples of all problems (the paper's metric); pass@k is the share of problems with at
-least one correct sample. Both are in percent. A sample whose gold answer cannot be parsed counts as wrong (and is
-counted under `unscored`), so a broken gold answer never inflates a score.
+least one correct sample. Both are in percent. A sample the verifier cannot score (a gold answer it cannot parse, a
+timeout) counts as wrong and is counted under `unscored`, so a broken gold answer never inflates a score.
+
+Nothing finished is lost: every argument and every benchmark is checked, and every benchmark loaded, before the model
+loads, and each benchmark's results are written to the output as soon as it is scored.
 
 Generation uses vLLM when it is installed and a GPU is present, else batched `transformers` generation. Any callable
 `generator(prompts: list[str], num_samples: int) -> list[list[str]]` can be passed instead (the tests script one).
@@ -162,6 +165,47 @@ class VLLMGenerator:
         return [[o.text for o in r.outputs] * (1 if sample else num_samples) for r in results]
 
 
+def benchmark_label(name: str) -> str:
+    """The key of a benchmark in the results: its name, or a data file's name without its suffix."""
+    return name if name in BENCHMARKS else Path(name).stem
+
+
+def check_arguments(
+    benchmarks: Sequence[str],
+    num_samples: int = 1,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    max_new_tokens: int = 1024,
+    limit: int | None = None,
+    batch_size: int = 16,
+    verifier_timeout: float = 5.0,
+) -> None:
+    """Raise a `ValueError` naming the first bad argument of [`evaluate`], before anything expensive runs."""
+    if isinstance(benchmarks, str):
+        raise ValueError(f"`benchmarks` must be a list of names, got the string {benchmarks!r}.")
+    if not benchmarks:
+        raise ValueError("`benchmarks` is empty: nothing to evaluate.")
+    for name in benchmarks:
+        if name not in BENCHMARKS and not os.path.exists(name):
+            raise ValueError(f"Unknown benchmark {name!r}: use one of {sorted(BENCHMARKS)} or a path to a data file.")
+    labels = [benchmark_label(name) for name in benchmarks]
+    for label in labels:
+        if labels.count(label) > 1:
+            clash = [name for name in benchmarks if benchmark_label(name) == label]
+            raise ValueError(f"Benchmarks {clash} would all be reported as {label!r}: give each a distinct name.")
+    positive = {"num_samples": num_samples, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    positive |= {} if limit is None else {"limit": limit}
+    for argument, value in positive.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{argument}` must be a positive integer, got {value!r}.")
+    if not temperature >= 0:  # also NaN
+        raise ValueError(f"`temperature` must be >= 0 (0 decodes greedily), got {temperature!r}.")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}.")
+    if not verifier_timeout > 0:
+        raise ValueError(f"`verifier_timeout` must be > 0 seconds, got {verifier_timeout!r}.")
+
+
 def load_benchmark(name: str, template: str = "simple", limit: int | None = None):
     """Load a benchmark in conversational HPT form: a name of `BENCHMARKS`, or a local data file (any schema that
     `hpt_trl.data.detect_schema` knows, e.g. `prompt`/`solution` rows, whose prompts are kept as they are)."""
@@ -230,7 +274,8 @@ def evaluate(
             Evaluate only the first `limit` problems of each benchmark.
         output_dir (`str` or `None`, *optional*):
             Where to write `results.json` and `samples.jsonl` (every sample's text and score). Nothing is written when
-            `None`.
+            `None`. Both are written after each benchmark; until the last one is done, `results.json` lists the
+            benchmarks still to come under `"unfinished"`.
         generator (`callable` or `None`, *optional*):
             `generator(prompts, num_samples) -> list[list[str]]`; built from `backend` when `None`.
         tokenizer (`PreTrainedTokenizerBase` or `None`, *optional*):
@@ -249,14 +294,30 @@ def evaluate(
     Returns:
         `dict`: `{"model", "config", "benchmarks": {name: {"num_problems", "num_samples", "avg_at_k", "pass_at_k",
         "unscored"}}}`, scores in percent.
+
+    Raises:
+        `ValueError`: naming the argument, for an unknown benchmark, two benchmarks with the same name, a `num_samples`,
+        `max_new_tokens`, `batch_size` or `limit` below 1, a negative `temperature`, or a `top_p` outside (0, 1]; all
+        before the model loads.
     """
+    check_arguments(benchmarks, num_samples, temperature, top_p, max_new_tokens, limit, batch_size, verifier_timeout)
     if model is None and generator is None:
         raise ValueError("Pass a `model` or a `generator`.")
+    # Cheap work first: every benchmark loads (a bad file fails here) before the model does
+    template = data.template_for_model(model) if template == "auto" else template
+    datasets = {}
+    for name in benchmarks:
+        try:
+            datasets[benchmark_label(name)] = load_benchmark(name, template, limit)
+        except (ValueError, KeyError, OSError) as error:
+            raise ValueError(f"Cannot load benchmark {name!r}: {error}") from error
+    if output_dir is not None:
+        os.makedirs(output_dir, exist_ok=True)
+
     if tokenizer is None and model is not None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model)
-    template = data.template_for_model(model) if template == "auto" else template
     chat = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
     if generator is None:
         use_vllm = backend == "vllm" or (backend == "auto" and importlib.util.find_spec("vllm") and _has_cuda())
@@ -283,11 +344,12 @@ def evaluate(
         "seed": seed,
     }
     results = {"model": None if model is None else str(model), "config": config, "benchmarks": {}}
-    samples = []
+    if output_dir is not None:  # replace a previous run's files at once, so they never pass for this run's
+        _write_results(output_dir, results, unfinished=list(datasets))
+        open(os.path.join(output_dir, "samples.jsonl"), "w").close()
     reward = get_math_accuracy_reward(timeout=verifier_timeout)
     try:
-        for name in benchmarks:
-            dataset = load_benchmark(name, template, limit)
+        for label, dataset in datasets.items():
             prompts = [render_prompt(p, tokenizer if chat else None) for p in dataset["prompt"]]
             completions = generator(prompts, num_samples)
             if len(completions) != len(prompts) or any(len(c) != num_samples for c in completions):
@@ -296,7 +358,6 @@ def evaluate(
                 )
             golds = [sol for sol, group in zip(dataset["solution"], completions) for _ in group]
             scores = reward([c for group in completions for c in group], golds)
-            label = Path(name).stem if name not in BENCHMARKS else name
             correct = [[scores[i * num_samples + j] == 1.0 for j in range(num_samples)] for i in range(len(prompts))]
             n = max(len(prompts), 1)
             results["benchmarks"][label] = {
@@ -306,29 +367,59 @@ def evaluate(
                 "pass_at_k": 100.0 * sum(map(any, correct)) / n,
                 "unscored": sum(s is None for s in scores),
             }
-            for i, (prompt, gold, group) in enumerate(zip(prompts, dataset["solution"], completions)):
-                for j, completion in enumerate(group):
-                    score = scores[i * num_samples + j]
-                    samples.append(
-                        {"benchmark": label, "problem": i, "sample": j, "prompt": prompt, "solution": gold,
-                         "completion": completion, "score": score}
-                    )  # fmt: skip
+            if output_dir is None:
+                continue
+            # This benchmark is done: its samples and results reach the disk before the next one starts
+            with open(os.path.join(output_dir, "samples.jsonl"), "a") as f:
+                for i, (prompt, gold, group) in enumerate(zip(prompts, dataset["solution"], completions)):
+                    for j, completion in enumerate(group):
+                        sample = {"benchmark": label, "problem": i, "sample": j, "prompt": prompt, "solution": gold,
+                                  "completion": completion, "score": scores[i * num_samples + j]}  # fmt: skip
+                        f.write(json.dumps(sample) + "\n")
+            _write_results(output_dir, results, unfinished=[b for b in datasets if b not in results["benchmarks"]])
     finally:
         reward.close()
-
-    if output_dir is not None:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        with open(os.path.join(output_dir, "samples.jsonl"), "w") as f:
-            f.writelines(json.dumps(s) + "\n" for s in samples)
     return results
+
+
+def _write_results(output_dir: str, results: dict, unfinished: list[str]) -> None:
+    """Write `results.json` atomically; while benchmarks remain, it lists them under `"unfinished"`."""
+    path = os.path.join(output_dir, "results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({**results, "unfinished": unfinished} if unfinished else results, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _bounded_float(low: float, high: float = float("inf"), low_inclusive: bool = True, hint: str = ""):
+    """An argparse type: a float in the interval from `low` to `high` (`high` included)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not ((low <= value if low_inclusive else low < value) and value <= high):  # NaN fails too
+            interval = f"{'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high < float('inf') else ')'}"
+            raise argparse.ArgumentTypeError(f"must be a number in {interval}{hint}, got {text!r}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -349,31 +440,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="A jsonl/json/parquet file to evaluate on (any schema of hpt_trl.data, e.g. prompt/solution rows); "
         "repeatable.",
     )
-    parser.add_argument("--num-samples", type=int, default=1, help="k: samples per problem (default 1).")
-    parser.add_argument("--temperature", type=float, default=0.6, help="Sampling temperature (default 0.6).")
-    parser.add_argument("--top-p", type=float, default=0.95, help="Nucleus sampling threshold (default 0.95).")
+    parser.add_argument("--num-samples", type=_positive_int, default=1, help="k: samples per problem (default 1).")
+    parser.add_argument(
+        "--temperature",
+        type=_bounded_float(0.0, hint=" (0 decodes greedily)"),
+        default=0.6,
+        help="Sampling temperature (default 0.6).",
+    )
+    parser.add_argument(
+        "--top-p", type=_bounded_float(0.0, 1.0, False), default=0.95, help="Nucleus sampling threshold (default 0.95)."
+    )
     parser.add_argument("--greedy", action="store_true", help="Greedy decoding (temperature 0).")
-    parser.add_argument("--max-new-tokens", type=int, default=1024, help="Most tokens per sample (default 1024).")
-    parser.add_argument("--limit", type=int, default=None, help="Only the first LIMIT problems of each benchmark.")
+    parser.add_argument(
+        "--max-new-tokens", type=_positive_int, default=1024, help="Most tokens per sample (default 1024)."
+    )
+    parser.add_argument(
+        "--limit", type=_positive_int, default=None, help="Only the first LIMIT problems of each benchmark."
+    )
     parser.add_argument("--output-dir", default="eval_results", help="Where results.json and samples.jsonl go.")
     parser.add_argument("--template", default="auto", choices=["auto", *data.TEMPLATES], help="Prompt template.")
     parser.add_argument("--backend", default="auto", choices=["auto", "vllm", "transformers"])
-    parser.add_argument("--batch-size", type=int, default=16, help="Prompts per batch with transformers.")
+    parser.add_argument("--batch-size", type=_positive_int, default=16, help="Prompts per batch with transformers.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--verifier-timeout", type=float, default=5.0, help="Seconds to verify one sample.")
+    parser.add_argument(
+        "--verifier-timeout",
+        type=_bounded_float(0.0, low_inclusive=False),
+        default=5.0,
+        help="Seconds to verify one sample.",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `hpt-trl eval`: prints a markdown table on stdout and writes `results.json` and `samples.jsonl`
-    to `--output-dir`. Returns the exit status `0`."""
+    to `--output-dir`. Returns the exit status `0`. Bad arguments exit with status 2 and a message naming the option,
+    before the model loads."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.benchmarks is None:
         args.benchmarks = "" if args.data_file else "gsm8k,math500"
-    benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()] + args.data_file
-    if not benchmarks:
+    named = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    if not named and not args.data_file:
         parser.error("nothing to evaluate: give --benchmarks or --data-file")
+    for name in named:
+        if name not in BENCHMARKS and not os.path.exists(name):
+            parser.error(f"argument --benchmarks: unknown benchmark {name!r}: use one of {', '.join(BENCHMARKS)} or a "
+                         "path to a data file")  # fmt: skip
+    for name in args.data_file:
+        if not os.path.exists(name):
+            parser.error(f"argument --data-file: no such file: {name!r}")
+    benchmarks = named + args.data_file
+    try:  # what is left: two benchmarks with the same name
+        check_arguments(benchmarks)
+    except ValueError as error:
+        parser.error(f"argument --benchmarks/--data-file: {error}")
     results = evaluate(
         model=args.model,
         benchmarks=benchmarks,

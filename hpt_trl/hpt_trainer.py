@@ -24,6 +24,7 @@ from .gate import (
     resolve_performance_reward,
     rollout_success,
 )
+from .gate_log import GATE_LOG_NAME, GateLog, GateLogCallback
 from .hpt_config import HPTConfig, check_gamma
 from .upge import PRESETS, get_preset, srft_advantages, srft_weights
 
@@ -107,8 +108,9 @@ class HPTTrainer(GRPOTrainer):
     Metrics (in the usual Trainer logs): `hpt/sft_fraction` (share of prompts gated in the generation batch),
     `hpt/performance_mean` (mean P), `hpt/estimator/{rl,sft,mixed,middle,luffy,srft}` (share of prompts per
     estimator), `hpt/demo_tokens` (SFT demonstration tokens in the generation batch), `hpt/sft_loss` (token-mean NLL
-    of the demonstrations) and `hpt/rl_loss` (TRL's loss). Every gate decision is also appended to
-    `output_dir/hpt_gate.jsonl` and kept in `trainer.gate_history`.
+    of the demonstrations) and `hpt/rl_loss` (TRL's loss). Every gate decision is also kept in `trainer.gate_history`
+    and written to `output_dir/hpt_gate.jsonl`, crash-safe: a resumed run's log holds exactly the records before its
+    checkpoint's step, and a fresh run moves an earlier run's log to `hpt_gate.jsonl.old` (see `hpt_trl.gate_log`).
     """
 
     _tag_names = ["trl", "hpt"]
@@ -175,6 +177,10 @@ class HPTTrainer(GRPOTrainer):
         self._gate_settings = GateSettings.from_config(args, gate_function)
         self._demonstration_preset = get_preset("luffy", gamma=args.luffy_shaping_gamma)
         self.gate_history: list[dict] = []
+        # hpt_gate.jsonl: started when training begins (a fresh run moves an old log aside, a resume keeps the records
+        # before the checkpoint's step), appended one synced line per generation batch
+        self.gate_log = GateLog(os.path.join(args.output_dir, GATE_LOG_NAME), enabled=self.accelerator.is_main_process)
+        self.add_callback(GateLogCallback(self.gate_log))
 
     @property
     def gate_function(self) -> Callable | None:
@@ -327,10 +333,7 @@ class HPTTrainer(GRPOTrainer):
             "estimator": list(plan.labels),
         }
         self.gate_history.append(record)
-        if self.accelerator.is_main_process:
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            with open(os.path.join(self.args.output_dir, "hpt_gate.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+        self.gate_log.append(record)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"

@@ -5,8 +5,12 @@ is"), except that shorthand LaTeX like `\frac12` is accepted unless `strict=True
 
 - **A deadline that works off the main thread.** math-verify's own timeouts use `signal.alarm`, which TRL switches off
   outside the main thread, so one pathological completion could stall a training step forever. Here every item is
-  verified in a small pool of worker processes, each with a per-item deadline; an item that runs past it scores `0.0`
-  and its worker is killed and replaced.
+  verified in a small pool of worker processes, each with a per-item deadline; an item that runs past it is unscored
+  (`None`) and its worker is killed and replaced.
+- **Unknown is not wrong.** An item the verifier could not decide gives `None` (the rollout is unscored), never `0.0`:
+  math-verify's own timeout, the deadline, a verifier error or a dead worker. A `0.0` always means "checked and wrong",
+  so a slow verifier cannot make a solved prompt look failed to HPT's gate. The other side: such a rollout carries no
+  penalty either; `accuracy_reward/timeouts` in the training logs counts the timeouts.
 - **Input guards.** Only the last `max_chars` characters of a completion are looked at (the final answer is at the
   end), and a completion whose braces nest deeper than `max_brace_depth` scores `0.0` without being parsed.
 - **Bare gold answers.** Gold answers such as `\frac{1}{3}` or `\left( 3, \frac{\pi}{2} \right)` are wrapped in
@@ -36,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 _READY = "ready"
 _UNPARSEABLE = "[unparseable]"
+# Results of items the verifier could not decide: unscored (`None`), never `0.0`
+_TIMEOUT = (None, "[timeout]", "[timeout]")
+_ERROR = (None, "[error]", "[error]")
+_CRASHED = (None, "[crashed]", "[crashed]")
 
 
 def _completion_text(completion) -> str:
@@ -81,7 +89,30 @@ def _brace_depth(text: str) -> int:
     return best
 
 
+class _TimeoutWatch(logging.Handler):
+    """Notes math-verify's own timeouts: it logs them as warnings and then scores the item as a failed parse or a
+    mismatch, which would read as a wrong answer."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.timed_out = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.timed_out = self.timed_out or str(record.msg).startswith("Timeout during")
+
+
 def _check(completion: str, gold: str, strict: bool = False, inner_timeout: int | None = None) -> tuple:
+    """Verify one item with [`_verify`]; an item on which math-verify timed out gives `(None, "[timeout]", ...)`."""
+    watch, math_verify_logger = _TimeoutWatch(), logging.getLogger("math_verify")
+    math_verify_logger.addHandler(watch)
+    try:
+        result = _verify(completion, gold, strict, inner_timeout)
+    finally:
+        math_verify_logger.removeHandler(watch)
+    return _TIMEOUT if watch.timed_out else result
+
+
+def _verify(completion: str, gold: str, strict: bool = False, inner_timeout: int | None = None) -> tuple:
     r"""Verify one item. Returns `(reward, gold_parsed, answer_parsed)`.
 
     With `strict=True` this is exactly `trl.rewards.accuracy_reward`. By default the answer is parsed with the same
@@ -124,8 +155,10 @@ def _worker_main() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
-    for name in ("math_verify", "latex2sympy2_extended"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)  # timeouts log the whole (huge) input
+    # Timeouts log the whole (huge) input: keep math-verify's warnings (`_check` watches for timeouts), print none
+    logging.getLogger("math_verify").setLevel(logging.WARNING)
+    logging.getLogger("math_verify").propagate = False
+    logging.getLogger("latex2sympy2_extended").setLevel(logging.CRITICAL)
     import math_verify  # noqa: F401  (import before saying ready, so the deadline does not count it)
     import trl.rewards  # noqa: F401
 
@@ -133,8 +166,8 @@ def _worker_main() -> None:
     for line in sys.stdin:
         try:
             reply = _check(*json.loads(line))
-        except Exception:  # noqa: BLE001  (a crash inside math-verify scores 0, like a timeout)
-            reply = (0.0, "[error]", "[error]")
+        except Exception:  # noqa: BLE001  (an error inside the verifier leaves the item unscored, like a timeout)
+            reply = _ERROR
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
 
@@ -188,10 +221,10 @@ class VerifierPool:
     """A few verifier processes with a per-item deadline.
 
     The parent hands one item at a time to each idle worker and waits on their stdout pipes until the earliest deadline.
-    A reply in time is the item's result; a worker still busy at its item's deadline (or dead) is killed, the item scores
-    `0.0`, and a fresh worker takes its place. Workers start lazily, are reused across calls and are restarted after a
-    `fork`. When no worker can be started (for example on Windows), items are verified inline, with math-verify's own
-    timeouts on the main thread and none elsewhere.
+    A reply in time is the item's result; a worker still busy at its item's deadline (or dead) is killed, the item is
+    unscored (`(None, "[timeout]" or "[crashed]", ...)`), and a fresh worker takes its place. Workers start lazily, are
+    reused across calls and are restarted after a `fork`. When no worker can be started (for example on Windows), items
+    are verified inline, with math-verify's own timeouts on the main thread and none elsewhere.
 
     Args:
         num_workers (`int`):
@@ -240,7 +273,8 @@ class VerifierPool:
         return not self._inline
 
     def map(self, items: list[tuple]) -> list[tuple[float | None, str, str]]:
-        """Verify items, each the arguments of `_check`. Returns `(reward, gold_parsed, answer_parsed)` per item."""
+        """Verify items, each the arguments of `_check`. Returns `(reward, gold_parsed, answer_parsed)` per item, the
+        reward `None` for an item that timed out or whose worker died."""
         with self._lock:
             if not items:
                 return []
@@ -274,7 +308,7 @@ class VerifierPool:
                             results[index] = worker.receive()
                             idle.append(worker)
                         except (EOFError, OSError, ValueError):
-                            results[index] = (0.0, "[crashed]", "[crashed]")
+                            results[index] = _CRASHED
                             idle.extend(self._replace(worker))
                     now = time.monotonic()
                     for fd, (worker, index, deadline) in list(busy.items()):
@@ -282,7 +316,7 @@ class VerifierPool:
                             del busy[fd]
                             selector.unregister(worker.proc.stdout)
                             self.num_timeouts += 1
-                            results[index] = (0.0, "[timeout]", "[timeout]")
+                            results[index] = _TIMEOUT
                             idle.extend(self._replace(worker))
             return results
 
@@ -311,9 +345,10 @@ class MathAccuracyReward:
 
     - a completion is cut to its last `max_chars` characters, and one whose braces nest deeper than `max_brace_depth`
       scores `0.0` unparsed;
-    - an item past its deadline, or that crashes the verifier, scores `0.0`;
-    - an unparseable gold answer gives `None` (the rollout is unscored). A prompt whose rollouts are all unscored has
-      a NaN success rate P and is not gated by HPT: it stays on RL, where TRL gives its rollouts zero advantage.
+    - an item the verifier cannot decide gives `None` (the rollout is unscored), never `0.0`: an unparseable gold
+      answer, math-verify's own timeout, the deadline, an error in the verifier or a dead verifier process. A prompt
+      whose rollouts are all unscored has a NaN success rate P and is not gated by HPT: it stays on RL, where TRL gives
+      its rollouts zero advantage. A timed-out rollout therefore never counts as a failure in P.
 
     Args:
         timeout (`float`, *optional*, defaults to `5.0`):
@@ -380,10 +415,11 @@ class MathAccuracyReward:
             log_extra (`callable`, *optional*):
                 Provided by TRL trainers to log the parsed gold and answer to the completions table.
             log_metric (`callable`, *optional*):
-                Provided by TRL trainers; used to log how many items timed out.
+                Provided by TRL trainers; used to log how many items timed out (`accuracy_reward/timeouts`).
 
         Returns:
-            `list[float | None]`: `1.0` correct, `0.0` wrong (or timed out), `None` unscored (unparseable gold).
+            `list[float | None]`: `1.0` correct, `0.0` wrong, `None` unscored (unparseable gold answer, timeout,
+            verifier error or dead verifier process).
         """
         golds = [normalize_gold(sol) for sol in solution]
         if len(golds) != len(completions):
@@ -400,15 +436,14 @@ class MathAccuracyReward:
                 todo.append(i)
                 # math-verify's own timeouts (parse gold, parse answer, verify) end before the deadline kills the worker
                 items.append((text, gold, self.strict, max(1, int(self.timeout // 3))))
-        timeouts_before = self.pool.num_timeouts
         for i, result in zip(todo, self.pool.map(items)):
             results[i] = result
         if log_extra is not None:
             log_extra("solution", [str(sol) for sol in solution])
             log_extra("gold_parsed", [r[1] for r in results])
             log_extra("answer_parsed", [r[2] for r in results])
-        if log_metric is not None:
-            log_metric("accuracy_reward/timeouts", float(self.pool.num_timeouts - timeouts_before))
+        if log_metric is not None:  # math-verify's own timeouts and the deadline's
+            log_metric("accuracy_reward/timeouts", float(sum(r[1] == _TIMEOUT[1] for r in results)))
         return [None if r[0] is None else float(r[0]) for r in results]
 
     def close(self) -> None:

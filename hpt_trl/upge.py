@@ -13,7 +13,12 @@ gradients of SFT, PPO, GRPO, Dr. GRPO, LUFFY, SRFT, ... as one estimator with fo
 - the likelihood gradient comes from the caller's token log-probs `per_token_logps` (with `requires_grad`).
 
 [`Aggregation`] reduces the per-token terms like TRL's `GRPOTrainer` loss types, [`UPGE`] composes the parts and
-[`PRESETS`] / [`get_preset`] name the algorithms (`docs/upge.md` maps the paper's Table 1 onto them). The loss *value*
+[`PRESETS`] / [`get_preset`] name the algorithms (`docs/upge.md` maps the paper's Table 1 onto them).
+
+Which presets run in training: `HPTTrainer` trains rollouts with TRL's own loss (which the `grpo` and `dr_grpo`
+presets reproduce, tested against TRL 1.16), demonstrations with `sft` (SFT, SRFT) and `luffy` (LUFFY, the middle
+band), and uses `srft_advantages` / `srft_weights`. `ppo`, `grpo`, `dr_grpo` and `offline` are a tested reference of
+the paper's unified view, not called by the trainer. The loss *value*
 is a surrogate whose gradient is the estimator: clipped tokens contribute 0, not TRL's constant clipped term.
 
 References:
@@ -390,7 +395,7 @@ PRESETS: dict[str, UPGE] = {
     "luffy": UPGE(_NO_MASK, ReferencePolicy("luffy"), AdvantageEstimator("group_mean"), Aggregation("dr_grpo")),
     # SRFT's SFT and self-rollout terms, with `advantages=srft_advantages(...)`; its demo-RL term is `offline`.
     "srft": UPGE(_NO_MASK, ReferencePolicy("current"), AdvantageEstimator("given"), Aggregation("token_mean")),
-    # Off-policy RL on demonstrations with pi_ref = 1 (HPT's middle band; SRFT's demo-RL term).
+    # Off-policy RL on demonstrations with pi_ref = 1 (SRFT's demo-RL term; a reference, not used in training).
     "offline": UPGE(_NO_MASK, ReferencePolicy("one"), AdvantageEstimator("given"), Aggregation("dr_grpo")),
 }
 

@@ -82,10 +82,9 @@ RESUME_TRAIN_OPTIONS = [
 
 
 def crash_after_checkpoint_2(output_dir: Path) -> list[str]:
-    """Make a finished 4-step run look as if it crashed after checkpoint-2 (drop checkpoint-4, the final model and the
-    gate log's last 2 steps); return the run's whole gate log."""
+    """Make a finished 4-step run look as if it crashed after checkpoint-2 (drop checkpoint-4 and the final model; the
+    gate log keeps its 4 records, which the resumed run must cut back to the checkpoint's 2); return the whole log."""
     gate_log = (output_dir / "hpt_gate.jsonl").read_text().splitlines()
     shutil.rmtree(output_dir / "checkpoint-4")
     (output_dir / "model.safetensors").unlink()
-    (output_dir / "hpt_gate.jsonl").write_text("\n".join(gate_log[:2]) + "\n")
     return gate_log

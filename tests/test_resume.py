@@ -5,6 +5,11 @@ the resumed run samples the same rollouts (the Trainer restores the RNG states s
 """
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +113,32 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path):
     options = ["train", "--config", "recipes/tiny_cpu.yaml", "--output_dir", str(tmp_path), "--max_steps", "1"]
     with pytest.raises(ValueError, match="has no checkpoint"):
         cli_main(options + ["--resume_from_checkpoint", "true"])
+
+
+@pytest.mark.slow
+def test_sigkill_mid_step_then_resume_gives_the_uninterrupted_gate_log(tmp_path):
+    """A real SIGKILL in the middle of step 6 (after checkpoint-4, with records of steps 4 and later on disk), then a
+    resume: the gate log is byte-identical to an uninterrupted run's, with no trimming by hand."""
+    tests_dir = Path(__file__).parent
+
+    def train(output_dir, *extra, kill_at=None):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir), os.environ.get("PYTHONPATH", "")])}
+        env.pop("HPT_KILL_AT_CALL", None)
+        if kill_at is not None:
+            env["HPT_KILL_AT_CALL"] = str(kill_at)
+        options = [*RESUME_TRAIN_OPTIONS, "--max_steps", "8", "--reward_funcs", "killing_reward.reward"]
+        command = [sys.executable, "-m", "hpt_trl.cli", "train", *options, "--output_dir", str(output_dir), *extra]
+        return subprocess.run(command, env=env, cwd=tests_dir.parent, capture_output=True, text=True, timeout=600)
+
+    reference = train(tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = train(tmp_path / "run", kill_at=5)  # the 6th generation batch: step 5's record is never written
+    assert killed.returncode == -signal.SIGKILL
+    run_log = tmp_path / "run" / "hpt_gate.jsonl"
+    assert [json.loads(line)["step"] for line in run_log.read_text().splitlines()] == [0, 1, 2, 3, 4]
+    assert (tmp_path / "run" / "checkpoint-4").is_dir() and not (tmp_path / "run" / "checkpoint-6").exists()
+
+    resumed = train(tmp_path / "run", "--resume_from_checkpoint", "true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert run_log.read_bytes() == (tmp_path / "reference" / "hpt_gate.jsonl").read_bytes()
+    assert [json.loads(line)["step"] for line in run_log.read_text().splitlines()] == list(range(8))

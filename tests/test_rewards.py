@@ -74,22 +74,25 @@ def test_pathological_strings_off_the_main_thread(reward):
         "x" * 100_000 + r" so the answer is $\boxed{7}$",  # 100k characters
         r"$\boxed{5}$",
     ]
-    out = {}
+    out, logged = {}, {}
 
     def run():
         start = time.monotonic()
-        out["scores"] = reward(completions, ["5"] * 6 + ["7", "5"])
+        out["scores"] = reward(completions, ["5"] * 6 + ["7", "5"], log_extra=logged.__setitem__)
         out["seconds"] = time.monotonic() - start
 
     thread = threading.Thread(target=run)  # TRL disables math-verify's timeouts here
     thread.start()
     thread.join(timeout=60)
     assert not thread.is_alive(), "the verifier hung"
-    assert out["scores"] == [0.0] * 6 + [1.0, 1.0]
+    # Never a wrong 1.0; what timed out is unscored (None), never a failed rollout (0.0)
+    timed_out = [answer == "[timeout]" for answer in logged["answer_parsed"]]
+    assert out["scores"][:6] == [None if t else 0.0 for t in timed_out[:6]]
+    assert timed_out[2] and out["scores"][6:] == [1.0, 1.0]  # 9^(9^(9^9)) cannot be decided in seconds
     assert out["seconds"] < 30
 
 
-def test_a_hung_item_scores_zero_and_its_worker_is_replaced():
+def test_a_hung_item_is_unscored_and_its_worker_is_replaced():
     pool = VerifierPool(num_workers=1, timeout=1.0)
     pool.map([(r"\boxed{1}", r"\boxed{1}", False, None)])  # start the worker outside the timed part
     # No math-verify timeout inside the worker (as off the main thread): only the deadline can stop the first item.
@@ -104,7 +107,7 @@ def test_a_hung_item_scores_zero_and_its_worker_is_replaced():
     finally:
         pool.close()
     results = out["results"]
-    assert [r[0] for r in results] == [0.0, 1.0]
+    assert [r[0] for r in results] == [None, 1.0]
     assert results[0][1] == "[timeout]" and pool.num_timeouts == 1
     assert out["end"] - start < 15  # the 1 s deadline, plus restarting one worker
 
