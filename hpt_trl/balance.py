@@ -101,4 +101,3 @@ def demonstration_sft_loss(
     """
     token_mean = (token_nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
     return (token_mean * weights).sum() * max_completion_length / normalizer
-

@@ -33,44 +33,84 @@ def _describe_demonstration_problem(demonstration) -> str | None:
     return f"is a {type(demonstration).__name__}"
 
 
-def validate_demonstrations(dataset: Dataset | IterableDataset | None, column: str, split: str = "train") -> None:
+EXPECTED_DEMONSTRATION = (
+    "a non-empty string (plain text) or one assistant message such as [{'role': 'assistant', 'content': '...'}] "
+    "(conversational)"
+)
+
+
+def demonstration_error(row, column: str, problem: str, split: str = "train") -> ValueError:
+    """The error for an unusable demonstration, naming the row, the column and what is expected."""
+    return ValueError(
+        f"Row {row} of the {split} dataset has an invalid demonstration in column {column!r}: it {problem}. "
+        f"Expected {EXPECTED_DEMONSTRATION}. With `allow_missing_demonstrations=True`, a None or empty demonstration "
+        "marks a prompt that is never gated."
+    )
+
+
+def is_missing_demonstration(demonstration) -> bool:
+    """A demonstration that is absent: `None`, an empty string or an empty list (allowed with
+    `allow_missing_demonstrations`)."""
+    return (
+        demonstration is None
+        or (isinstance(demonstration, (str, list)) and not demonstration)
+        or (isinstance(demonstration, str) and not demonstration.strip())
+    )
+
+
+def validate_demonstrations(
+    dataset: Dataset | IterableDataset | None, column: str, split: str = "train", allow_missing: bool = False
+) -> Dataset | IterableDataset | None:
     """
-    Check, before training, that every row of `dataset` has a usable demonstration in `column`.
+    Check that every row of `dataset` has a usable demonstration in `column`.
+
+    A map-style dataset is checked whole, before training. An iterable (streaming) dataset cannot be read ahead without
+    consuming it: its column is checked now, and its rows as they arrive, through a lazy `map` that raises the same
+    error naming the row.
 
     Args:
         dataset ([`~datasets.Dataset`], [`~datasets.IterableDataset`] or `None`):
-            Dataset to check. Iterable datasets are only checked for the column's presence, as reading them would
-            consume them.
+            Dataset to check.
         column (`str`):
             Name of the demonstration column.
         split (`str`, *optional*, defaults to `"train"`):
             Name used in error messages.
+        allow_missing (`bool`, *optional*, defaults to `False`):
+            Accept missing demonstrations (`None`, empty); other problems are still errors.
+
+    Returns:
+        The dataset to train on: `dataset` itself, or for an iterable dataset the same stream with the check attached.
 
     Raises:
         `ValueError`: naming the column, the row and what is expected.
     """
     if dataset is None:
-        return
-    expected = (
-        "a non-empty string (plain text) or a non-empty list of assistant messages such as "
-        "[{'role': 'assistant', 'content': '...'}] (conversational)"
-    )
+        return None
     columns = dataset.column_names
     if columns is not None and column not in columns:
         raise ValueError(
             f"The {split} dataset has no demonstration column {column!r}. Its columns are {columns}. HPT trains a "
-            f"prompt with SFT on its demonstration, so each row needs one: {expected}. Set "
+            f"prompt with SFT on its demonstration, so each row needs one: {EXPECTED_DEMONSTRATION}. Set "
             "`HPTConfig(demonstration_column=...)` to the column that holds it."
         )
-    if isinstance(dataset, IterableDataset):
-        return
-    for row, demonstration in enumerate(dataset[column]):
+
+    def check(demonstration, row) -> None:
+        if allow_missing and is_missing_demonstration(demonstration):
+            return
         problem = _describe_demonstration_problem(demonstration)
         if problem is not None:
-            raise ValueError(
-                f"Row {row} of the {split} dataset has an invalid demonstration in column {column!r}: it {problem}. "
-                f"Expected {expected}."
-            )
+            raise demonstration_error(row, column, problem, split)
+
+    if isinstance(dataset, IterableDataset):
+
+        def check_streamed_row(example, index):
+            check(example.get(column), index)
+            return example
+
+        return dataset.map(check_streamed_row, with_indices=True)
+    for row, demonstration in enumerate(dataset[column]):
+        check(demonstration, row)
+    return dataset
 
 
 THINK_OPEN = "<think>"

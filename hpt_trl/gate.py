@@ -255,7 +255,9 @@ def _plan(batch: GateInputs, rollout_weights, sft_weights, labels, demonstration
     """Build a [`GatePlan`]; a prompt without a demonstration keeps all its rollouts on RL and trains no demonstration."""
     has_demo = batch.has_demonstration
     num_prompts = has_demo.numel()
-    demonstration_advantages = torch.zeros(num_prompts) if demonstration_advantages is None else demonstration_advantages
+    demonstration_advantages = (
+        torch.zeros(num_prompts) if demonstration_advantages is None else demonstration_advantages
+    )
     if not has_demo.all():
         missing = ~has_demo
         rollout_weights = torch.where(missing.unsqueeze(1), torch.ones_like(rollout_weights), rollout_weights)
@@ -308,7 +310,9 @@ def plan_hpt(batch: GateInputs, settings: GateSettings) -> GatePlan:
         alpha, beta = linear_gate(performance, settings.gamma, settings.gate_linear_upper)
     else:
         alpha, beta = switch_gate(performance, settings.gamma)
-    labels = ["sft" if b == 1 and a == 0 else "rl" if b == 0 else "mixed" for a, b in zip(alpha.tolist(), beta.tolist())]
+    labels = [
+        "sft" if b == 1 and a == 0 else "rl" if b == 0 else "mixed" for a, b in zip(alpha.tolist(), beta.tolist())
+    ]
     demonstration_advantages = torch.zeros_like(performance)
     if settings.gamma_off is not None:
         band = (beta == 0) & (performance > settings.gamma) & (performance <= settings.gamma_off + GATE_TOLERANCE)

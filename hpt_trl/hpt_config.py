@@ -1,4 +1,5 @@
 import math
+import numbers
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -8,11 +9,49 @@ from .balance import check_loss_type
 
 def check_gamma(gamma: float) -> None:
     """Raise a `ValueError` unless `gamma` is a real number (NaN would silently disable the gate)."""
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or math.isnan(gamma):
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or math.isnan(gamma):
         raise ValueError(
             f"`gamma` must be a real number, got {gamma!r}. A prompt whose performance P satisfies P <= gamma is "
             "trained with SFT on its demonstration; use gamma < 0 to never gate and gamma >= 1 to always gate."
         )
+
+
+# Integer settings that a YAML recipe may spell as floats (`num_generations: 2.0`): a whole float is taken as the integer,
+# a fractional one is refused before anything loads
+INTEGER_FIELDS = (
+    "max_steps",
+    "num_generations",
+    "max_demonstration_length",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_completion_length",
+    "max_prompt_length",
+    "generation_batch_size",
+    "steps_per_generation",
+    "num_iterations",
+    "seed",
+)
+
+
+def _check_integer_fields(config) -> None:
+    for name in INTEGER_FIELDS:
+        value = getattr(config, name, None)
+        if value is None or isinstance(value, bool) or isinstance(value, numbers.Integral):
+            continue
+        if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+            setattr(config, name, int(value))
+        else:
+            raise ValueError(f"`{name}` must be an integer, got {value!r}.")
+
+
+def _check_finite(name: str, value, minimum: float | None = None, strictly: bool = False) -> None:
+    """Raise a `ValueError` naming `name` unless `value` is a finite real number (above `minimum`, if given)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value > minimum if strictly else value >= minimum
+    if not ok:
+        bound = "" if minimum is None else f" {'>' if strictly else '>='} {minimum}"
+        raise ValueError(f"`{name}` must be a finite number{bound}, got {value!r}.")
 
 
 ALGORITHMS = ("hpt", "sft", "grpo", "luffy", "srft")
@@ -63,6 +102,11 @@ class HPTConfig(GRPOConfig):
         max_demonstration_length (`int` or `None`, *optional*, defaults to `None`):
             Maximum number of demonstration tokens (the prompt is not counted). Longer demonstrations are truncated,
             with a one-time warning at construction that says how many. `None` keeps them whole.
+
+        allow_missing_demonstrations (`bool`, *optional*, defaults to `False`):
+            Accept rows whose demonstration is missing (`None`, an empty string or list): such a prompt is never
+            gated (its rollouts stay on RL whatever P) and trains no demonstration; `hpt/missing_demonstration_fraction`
+            counts them. Without it, a missing demonstration is an error at construction naming the row.
 
         > Baselines and feedback functions (see `docs/upge.md`)
 
@@ -151,22 +195,46 @@ class HPTConfig(GRPOConfig):
     algorithm: str = field(
         default="hpt", metadata={"help": "One of 'hpt', 'sft', 'grpo', 'luffy', 'srft'.", "choices": ALGORITHMS}
     )
-    gate: str = field(default="switch", metadata={"help": "HPT feedback function: 'switch' or 'linear'."})
+    gate: str = field(
+        default="switch", metadata={"help": "HPT feedback function: 'switch' or 'linear'.", "choices": GATES}
+    )
     gate_linear_upper: float = field(default=0.5, metadata={"help": "Upper threshold of the 'linear' gate."})
     gamma_off: float | None = field(
         default=None,
-        metadata={"help": "Middle band: gamma < P <= gamma_off drops the rollouts and trains the demonstration off-policy."},
+        metadata={
+            "help": "Middle band: gamma < P <= gamma_off drops the rollouts and trains the demonstration off-policy."
+        },
     )
     demonstration_reward: float = field(default=1.0, metadata={"help": "Reward of a demonstration in a group."})
     luffy_shaping_gamma: float = field(default=0.1, metadata={"help": "LUFFY's policy-shaping constant."})
+    allow_missing_demonstrations: bool = field(
+        default=False,
+        metadata={"help": "Accept prompts without a demonstration (None or empty): they are never gated."},
+    )
     skip_zero_loss_rows: bool = field(
         default=False,
         metadata={"help": "Skip forward/backward over rollouts whose RL loss is exactly zero (same update)."},
     )
 
     def __post_init__(self):
+        _check_integer_fields(self)  # before GRPOConfig does arithmetic with them
         super().__post_init__()
         check_gamma(self.gamma)
+        # NaN, inf or negative values here train silently wrong (a negative SFT coefficient is gradient ascent)
+        _check_finite("sft_loss_coef", self.sft_loss_coef, minimum=0.0)
+        _check_finite("gate_linear_upper", self.gate_linear_upper)
+        _check_finite("demonstration_reward", self.demonstration_reward)
+        _check_finite("luffy_shaping_gamma", self.luffy_shaping_gamma, minimum=0.0, strictly=True)
+        if self.gamma_off is not None:
+            _check_finite("gamma_off", self.gamma_off)
+            if self.gamma < 0:
+                raise ValueError(
+                    f"`gamma_off={self.gamma_off}` with `gamma={self.gamma}` is contradictory: gamma < 0 means never "
+                    "gate, but the middle band gamma < P <= gamma_off would train demonstrations. Set gamma >= 0 or "
+                    "gamma_off=None."
+                )
+        for index, weight in enumerate(self.reward_weights or []):
+            _check_finite(f"reward_weights[{index}]", weight)
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"`algorithm` must be one of {ALGORITHMS}, got {self.algorithm!r}.")
         if self.gate not in GATES:

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import logging
+import math
 import os
 import textwrap
 from collections.abc import Callable
@@ -13,7 +14,12 @@ from trl.data_utils import is_conversational
 from trl.trainer.utils import RepeatSampler, get_callable_name, get_config_model_id
 
 from .balance import demonstration_sft_loss, rollout_normalizer
-from .demonstrations import demonstration_token_ids, end_of_turn_token_id, validate_demonstrations
+from .demonstrations import (
+    demonstration_token_ids,
+    end_of_turn_token_id,
+    is_missing_demonstration,
+    validate_demonstrations,
+)
 from .gate import (
     ESTIMATORS,
     GateInputs,
@@ -36,6 +42,29 @@ DEMO_IDS = "hpt_demo_ids"  # (rows, length) demonstration token ids, right-padde
 DEMO_MASK = "hpt_demo_mask"  # (rows, length) 1 on demonstration tokens
 DEMO_SFT_WEIGHT = "hpt_demo_sft_weight"  # (rows,) beta of the row's demonstration, 0 if none
 DEMO_ADVANTAGE = "hpt_demo_advantage"  # (rows,) advantage of the row's demonstration in off-policy RL, 0 if none
+
+
+def _check_model_path(model: str) -> None:
+    """A model given as a local path (absolute, relative or with more than one `/`) must exist: the Hub's "Repo id must
+    use alphanumeric chars" 16 frames deep says nothing of a typo."""
+    looks_local = model.startswith(("/", "./", "../", "~")) or model.count("/") > 1
+    if looks_local and not os.path.exists(os.path.expanduser(model)):
+        raise ValueError(
+            f"The model path {model!r} does not exist (model_name_or_path). Pass an existing directory or a "
+            "Hub model id such as 'Qwen/Qwen2.5-Math-1.5B'."
+        )
+
+
+def _learned_position_limit(model) -> int | None:
+    """The number of positions of a model with a learned position table (GPT-2's `wpe`, OPT's `embed_positions`, ...),
+    past which its forward pass fails with an IndexError; `None` for rotary or relative positions (Llama, Qwen, ...)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.split(".")[-1] in LEARNED_POSITION_TABLES:
+            return module.num_embeddings
+    return None
+
+
+LEARNED_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
 
 
 def _prompt_id(prompt: Any) -> str:
@@ -147,9 +176,15 @@ class HPTTrainer(GRPOTrainer):
             )
         # Reject bad input before the model is loaded
         check_gamma(args.gamma)
+        if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
+            raise ValueError("The train dataset is empty: HPT needs prompts to sample rollouts for.")
+        if isinstance(model, str):
+            _check_model_path(model)
         trains_demonstrations = args.trains_demonstrations or gate_function is not None
-        if trains_demonstrations:
-            validate_demonstrations(train_dataset, args.demonstration_column)
+        if trains_demonstrations:  # a streaming dataset gets its rows checked as they arrive
+            train_dataset = validate_demonstrations(
+                train_dataset, args.demonstration_column, allow_missing=args.allow_missing_demonstrations
+            )
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
         if reward_funcs is not None and all(callable(f) and not hasattr(f, "config") for f in funcs):
             resolve_performance_reward([get_callable_name(f) for f in funcs], args.performance_reward)
@@ -174,6 +209,7 @@ class HPTTrainer(GRPOTrainer):
         if args.max_demonstration_length is not None:
             self._warn_about_long_demonstrations(train_dataset)
         self._gathered_rewards_per_func = None
+        self._position_limit = _learned_position_limit(self.model)
         self._gate_settings = GateSettings.from_config(args, gate_function)
         self._demonstration_preset = get_preset("luffy", gamma=args.luffy_shaping_gamma)
         self.gate_history: list[dict] = []
@@ -224,8 +260,34 @@ class HPTTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # TRL returns the rewards gathered across processes: keep them, the gate needs every rollout of every prompt.
-        self._gathered_rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        return self._gathered_rewards_per_func
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        infinite = torch.isinf(rewards_per_func)
+        if infinite.any():  # would turn the parameters NaN, and only show one step later, inside generate
+            rollout, func = infinite.nonzero()[0].tolist()
+            raise ValueError(
+                f"At step {self.state.global_step}, reward function {self.reward_func_names[func]!r} returned "
+                f"{rewards_per_func[rollout, func].item()} for rollout {rollout} of the generation batch. Rewards must "
+                "be finite numbers, or None for an unscored rollout."
+            )
+        self._gathered_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # transformers' Trainer computes the (all-reduced) gradient norm right before the optimizer step: a NaN or inf
+        # here stops training on every process before the update reaches the weights or a checkpoint
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            losses = {
+                key: values[-1]
+                for key, values in self._metrics["train"].items()
+                if key in ("hpt/rl_loss", "hpt/sft_loss") and values
+            }
+            raise FloatingPointError(
+                f"The gradient norm is {float(grad_norm)} at optimizer step {self.state.global_step + 1} (last losses: "
+                f"{losses}); training stopped before the update, so the weights and the saved checkpoints are the last "
+                "good ones. Check the rewards, the learning rate and sft_loss_coef."
+            )
+        return grad_norm
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
         output = super()._generate_and_score_completions(inputs)
@@ -246,7 +308,7 @@ class HPTTrainer(GRPOTrainer):
         batch = GateInputs(
             success=success.view(-1, n).cpu(),
             rewards=self._combined_rewards().view(-1, n).cpu(),
-            has_demonstration=torch.ones(success.numel() // n, dtype=torch.bool),
+            has_demonstration=self._has_demonstration(inputs, success.numel() // n),
         )
         plan = plan_gate(self.args.algorithm, batch, self._gate_settings)  # the same on every process
 
@@ -260,6 +322,8 @@ class HPTTrainer(GRPOTrainer):
         metrics = self._metrics["train"]
         metrics["hpt/sft_fraction"].append(plan.gated.float().mean().item())
         metrics["hpt/performance_mean"].append(torch.nanmean(plan.performance).item())
+        if self.args.allow_missing_demonstrations:
+            metrics["hpt/missing_demonstration_fraction"].append(1.0 - batch.has_demonstration.float().mean().item())
         for estimator in ESTIMATORS:
             metrics[f"hpt/estimator/{estimator}"].append(plan.labels.count(estimator) / len(plan.labels))
 
@@ -281,7 +345,8 @@ class HPTTrainer(GRPOTrainer):
 
         # Demonstrations: one per prompt that trains one, stored on its first rollout's row so that TRL's shuffle and
         # split carry it into the right micro-batch
-        demo_ids, demo_mask = self._pad_demonstrations(inputs, owns_demonstration.nonzero().squeeze(1).tolist())
+        owners = owns_demonstration.nonzero().squeeze(1).tolist()
+        demo_ids, demo_mask = self._pad_demonstrations(inputs, owners, output["prompt_mask"].sum(dim=1).tolist())
         sft_weights = plan.sft_weights[prompt_of_row] * owns_demonstration
         sft_tokens = (demo_mask.sum(dim=1) * (sft_weights > 0)).sum()
         metrics["hpt/demo_tokens"].append(self.accelerator.reduce(sft_tokens.to(device), reduction="sum").item())
@@ -290,12 +355,35 @@ class HPTTrainer(GRPOTrainer):
         output[DEMO_ADVANTAGE] = (plan.demonstration_advantages[prompt_of_row] * owns_demonstration).to(device)
         return output
 
-    def _pad_demonstrations(self, inputs: list[dict[str, Any]], owners: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _has_demonstration(self, inputs: list[dict[str, Any]], num_prompts: int) -> torch.Tensor:
+        """Per prompt of the generation batch, whether it has a demonstration (all do, unless
+        `allow_missing_demonstrations`); read on the process holding the prompt's first rollout, then gathered."""
+        if not self.args.allow_missing_demonstrations:
+            return torch.ones(num_prompts, dtype=torch.bool)
+        start, column = self.accelerator.process_index * len(inputs), self.args.demonstration_column
+        local = [
+            not is_missing_demonstration(example.get(column))
+            for row, example in enumerate(inputs, start)
+            if row % self.num_generations == 0
+        ]
+        return torch.tensor(gather_object(local) if self.accelerator.num_processes > 1 else local, dtype=torch.bool)
+
+    def _pad_demonstrations(
+        self, inputs: list[dict[str, Any]], owners: list[int], prompt_lengths: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ids and mask of the demonstrations of rows `owners`, all padding elsewhere (at least one column,
         for the placeholder row). Built from one list per tensor: this runs every step."""
         demonstrations = {
             row: self._demonstration_ids(inputs[row], self.args.max_demonstration_length) for row in owners
         }
+        limit = self._position_limit
+        for row, ids in demonstrations.items():
+            if limit is not None and prompt_lengths[row] + len(ids) > limit:
+                raise ValueError(
+                    f"A demonstration of {len(ids)} tokens after a prompt of {prompt_lengths[row]} tokens exceeds the "
+                    f"model's {limit} learned positions; prompt: {str(inputs[row]['prompt'])[:80]!r}. Set "
+                    "`max_demonstration_length` to truncate demonstrations."
+                )
         width = max((len(ids) for ids in demonstrations.values()), default=1)
         rows = [demonstrations.get(row, []) for row in range(len(inputs))]
         pad_id = self._tokenizer.pad_token_id

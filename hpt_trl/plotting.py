@@ -12,8 +12,10 @@
 | `completion_length.png` | `completions/mean_length` | mean rollout length, in tokens |
 | `training_dynamics.png` | all of the above | overview |
 
-Note that `trainer_state.json` is written with each checkpoint (or by `trainer.save_state()`); a run with
-`save_strategy="no"` has none, so plot `trainer.state.log_history` with [`plot_training_dynamics`] instead.
+`hpt-trl train` writes `OUTPUT_DIR/trainer_state.json` at the end of training, whatever its `save_strategy`. The
+Trainer itself writes it with each checkpoint (or on `trainer.save_state()`): a script of your own that trains with
+`save_strategy="no"` should call `trainer.save_state()`, or plot `trainer.state.log_history` with
+[`plot_training_dynamics`].
 """
 
 from __future__ import annotations

@@ -83,14 +83,18 @@ def quickstart_config(output_dir: str, max_steps: int, learning_rate: float, see
     return HPTConfig(**{**settings, **overrides})
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpt-trl quickstart", description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="hpt-quickstart")
     parser.add_argument("--max-steps", type=int, default=600)
     parser.add_argument("--gamma", type=float, default=0.0)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

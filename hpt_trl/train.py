@@ -315,7 +315,9 @@ def run(script_args: HPTScriptArguments, training_args: HPTConfig, model_args: M
     trainer.accelerator.print("✅ Training completed.")
 
     trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"💾 Model saved to {training_args.output_dir}.")
+    # trainer_state.json (the log history) in output_dir, also with `save_strategy: no`: `hpt-trl plot` reads it
+    trainer.save_state()
+    trainer.accelerator.print(f"💾 Model and trainer state saved to {training_args.output_dir}.")
     if script_args.merge_adapter and model_args.use_peft:
         trainer.accelerator.wait_for_everyone()
         merged = save_merged_adapter(trainer, training_args.output_dir)

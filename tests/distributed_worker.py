@@ -62,6 +62,7 @@ def main(argv=None):
     script_args, training_args, model_args = train.parse_args(argv)
     trainer = train.run(script_args, training_args, model_args)
     accelerator = trainer.accelerator
+    fsdp = str(accelerator.distributed_type) == "DistributedType.FSDP"
     result = {
         "num_processes": accelerator.num_processes,
         "process_index": accelerator.process_index,
@@ -69,6 +70,7 @@ def main(argv=None):
         "deepspeed_zero_stage": (
             accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin is not None else None
         ),
+        "fsdp_version": accelerator.state.fsdp_plugin.fsdp_version if fsdp else None,
         "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
         "global_step": trainer.state.global_step,
         "sft_fraction": [e["hpt/sft_fraction"] for e in trainer.state.log_history if "hpt/sft_fraction" in e],

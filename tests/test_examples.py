@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from hpt_trl.plotting import plot_run
 
@@ -75,3 +76,14 @@ def test_multi_process_launch_command_from_the_readme(tmp_path):
     result = run([*launch, EXAMPLES / "train_hpt.py", "--tiny"], tmp_path, timeout=600)
     assert (tmp_path / "tiny-hpt" / "model.safetensors").is_file()
     assert "'train_runtime'" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", ["fsdp1", "fsdp2"])
+def test_fsdp_configs_are_trls(name):
+    """examples/accelerate_configs/fsdp{1,2}.yaml are TRL's own (commented); tests/test_distributed.py launches them."""
+    import trl
+
+    ours = yaml.safe_load((EXAMPLES / "accelerate_configs" / f"{name}.yaml").read_text())
+    trls = yaml.safe_load((Path(trl.__file__).parent / "accelerate_configs" / f"{name}.yaml").read_text())
+    assert ours == trls
+    assert ours["distributed_type"] == "FSDP" and ours["fsdp_config"]["fsdp_version"] == int(name[-1])

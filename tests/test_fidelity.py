@@ -106,7 +106,9 @@ def test_sft_to_rl_ratio_matches_the_authors(tmp_path, sft_loss_coef):
         trainer = HPTTrainer(
             model=model,
             reward_funcs=mixed_reward,
-            args=tiny_args(path, gamma=0.0, per_device_train_batch_size=8, sft_loss_coef=coef, **_sgd_args(path, num_generations=4)),
+            args=tiny_args(
+                path, gamma=0.0, per_device_train_batch_size=8, sft_loss_coef=coef, **_sgd_args(path, num_generations=4)
+            ),
             train_dataset=addition_dataset(size=2),
             processing_class=tokenizer,
         )
@@ -133,7 +135,9 @@ def test_sft_to_rl_ratio_matches_the_authors(tmp_path, sft_loss_coef):
 @pytest.mark.parametrize("loss_type", DEMONSTRATION_LOSS_TYPES)
 def test_every_supported_loss_type_is_split_invariant(tmp_path, loss_type):
     def update(path, batch_size, accumulation):
-        common = dict(num_generations=4, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation)
+        common = dict(
+            num_generations=4, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation
+        )
         trainer = make_trainer(path, gamma=0.0, loss_type=loss_type, **_sgd_args(path, **common))
         return _sgd_update(trainer)[0]
 
@@ -146,7 +150,9 @@ def test_every_supported_loss_type_is_split_invariant(tmp_path, loss_type):
 @pytest.mark.parametrize("loss_type", sorted(REJECTED_LOSS_TYPES))
 def test_loss_types_that_cannot_weigh_demonstrations_are_rejected(tmp_path, loss_type):
     extra = {"importance_sampling_level": "sequence"} if loss_type == "luspo" else {}
-    with pytest.raises(ValueError, match=rf"loss_type='{loss_type}' cannot be combined with training on demonstrations"):
+    with pytest.raises(
+        ValueError, match=rf"loss_type='{loss_type}' cannot be combined with training on demonstrations"
+    ):
         HPTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, loss_type=loss_type, **extra)
     # Without demonstrations (pure GRPO) every loss type is TRL's own
     HPTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, loss_type=loss_type, algorithm="grpo", **extra)
@@ -224,7 +230,11 @@ def test_resolve_performance_reward(names, requested, expected):
 @pytest.mark.parametrize(
     "names, requested, message",
     [
-        (["format_reward", "length_reward"], None, r"must know which of the reward functions \['format_reward', 'length_reward'\]"),
+        (
+            ["format_reward", "length_reward"],
+            None,
+            r"must know which of the reward functions \['format_reward', 'length_reward'\]",
+        ),
         (["math_accuracy_reward", "accuracy_reward"], None, "Set `performance_reward` to one of them"),
         (["a", "b"], "c", r"`performance_reward='c'` is not one of the reward functions: \['a', 'b'\]"),
     ],
@@ -360,7 +370,14 @@ def test_gate_function_output_is_checked():
 
 # 5. Demonstrations of reasoning models
 
-SPECIAL = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<|im_start|>", "<|im_end|>"]
+SPECIAL = [
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<|im_start|>",
+    "<|im_end|>",
+]
 SPECIAL += ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"]
 
 # The parts of DeepSeek-R1-Distill's template that matter here: assistant messages lose everything up to </think>,
@@ -421,7 +438,9 @@ def test_qwen3_style_reasoning_and_literal_special_tokens():
 
 def test_llama3_style_content_blocks():
     tokenizer = _tokenizer(LLAMA3_TEMPLATE)
-    demonstration = [{"role": "assistant", "content": [{"type": "text", "text": "1+2"}, {"type": "text", "text": "=3"}]}]
+    demonstration = [
+        {"role": "assistant", "content": [{"type": "text", "text": "1+2"}, {"type": "text", "text": "=3"}]}
+    ]
     text = _ids(tokenizer, PROMPT, demonstration, ["<|end_of_text|>", "<|eot_id|>"])
     assert text == "1+2=3<|eot_id|>"  # the turn ends with <|eot_id|>, the end-of-turn token generation stops on
     eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ["<|end_of_text|>", "<|eot_id|>"]]

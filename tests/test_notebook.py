@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -31,10 +32,20 @@ def test_notebook_is_committed_clean_and_colab_ready():
         assert namespace["TINY"] is False  # Colab runs the real thing by default
     assert namespace["MODEL_ID"] == "Qwen/Qwen2.5-0.5B-Instruct"
 
+    # one variable says where hpt-trl comes from; the Colab badge opens the notebook from the same repository
+    repo = namespace["HPT_TRL_REPO"]
+    match = re.fullmatch(r"git\+https://github\.com/([\w.-]+/[\w.-]+)", repo)
+    assert match, repo
+    badge = f"https://colab.research.google.com/github/{match.group(1)}/blob/main/notebooks/{NOTEBOOK.name}"
+    assert f"]({badge})" in nb.cells[0].source, "the badge and HPT_TRL_REPO point to different repositories"
+    assert "<org>" not in NOTEBOOK.read_text()
+
     code = "\n".join(code_sources(nb))
-    assert "%pip install" in code and "if not TINY:" in code  # no install in CI
+    assert "%pip install -q {HPT_TRL_REPO}" in code and "if not TINY:" in code  # no install in CI
+    # the push goes through the trainer, so the HPT model card is written and uploaded with the adapter
+    assert "trainer.push_to_hub(" in code and "model.push_to_hub(" not in code.replace("trainer.push_to_hub(", "")
     assert "load_gsm8k" in code and "peft_config=peft_config" in code and "fp16=not USE_BF16" in code
-    assert "from hpt_trl.evaluation import" in code and "plot_run(" in code and "push_to_hub(" in code
+    assert "from hpt_trl.evaluation import" in code and "plot_run(" in code
     assert "notebook_login" in code and "get_token() is None" in code  # the push is guarded by a login
 
 

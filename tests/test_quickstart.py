@@ -19,7 +19,7 @@ def test_toy_task_is_fixed_and_held_out():
 
 def test_cli_lists_commands(capsys):
     assert cli_main([]) == 2
-    assert "quickstart" in capsys.readouterr().out
+    assert "quickstart" in capsys.readouterr().err  # usage goes to stderr with exit code 2
 
 
 @pytest.mark.slow

@@ -206,3 +206,218 @@ def with_pool(item, timeout=60.0, kill_after=None):
 )
 def test_verifier_leaves_what_it_cannot_decide_unscored(verify, score, label):
     assert verify() == (score, label)
+
+
+# --- HPTConfig and HPTTrainer: bad settings and data fail at construction, naming the option, row or function --------
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"sft_loss_coef": NAN}, "`sft_loss_coef` must be a finite number >= 0.0, got nan"),
+        ({"sft_loss_coef": INF}, "`sft_loss_coef` must be a finite number >= 0.0, got inf"),
+        ({"sft_loss_coef": -0.5}, "`sft_loss_coef` must be a finite number >= 0.0, got -0.5"),
+        ({"gate": "linear", "gate_linear_upper": INF}, "`gate_linear_upper` must be a finite number, got inf"),
+        ({"reward_weights": [1.0, NAN]}, r"`reward_weights\[1\]` must be a finite number, got nan"),
+        ({"gamma": -1.0, "gamma_off": 0.5}, "`gamma_off=0.5` with `gamma=-1.0` is contradictory"),
+        ({"max_steps": 2.5}, "`max_steps` must be an integer, got 2.5"),
+        ({"num_generations": 2.5}, "`num_generations` must be an integer, got 2.5"),
+        ({"max_demonstration_length": 8.5}, "`max_demonstration_length` must be an integer, got 8.5"),
+        ({"luffy_shaping_gamma": 0.0}, "`luffy_shaping_gamma` must be a finite number > 0.0"),
+        ({"success_threshold": NAN}, "`success_threshold` must be a finite number"),
+    ],
+    ids=lambda value: str(value) if isinstance(value, dict) else "",
+)
+def test_config_rejects_values_that_train_silently_wrong(tmp_path, overrides, message):
+    from hpt_trl import HPTConfig
+
+    with pytest.raises(ValueError, match=message):
+        HPTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **overrides)
+
+
+def test_config_takes_whole_floats_from_yaml_as_integers(tmp_path):
+    from hpt_trl import HPTConfig
+
+    config = HPTConfig(
+        output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=2, num_generations=2.0, max_steps=3.0,
+        max_demonstration_length=8.0,
+    )  # fmt: skip
+    assert (config.num_generations, config.max_steps, config.max_demonstration_length) == (2, 3, 8)
+    assert all(isinstance(v, int) for v in (config.num_generations, config.max_steps, config.max_demonstration_length))
+
+
+def _trainer(tmp_path, dataset=None, reward=None, model=None, **overrides):
+    from helpers import addition_dataset, mixed_reward, tiny_args
+
+    from hpt_trl import HPTTrainer
+    from hpt_trl.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    return HPTTrainer(
+        model=model if model is not None else build_tiny_model(tokenizer),
+        reward_funcs=reward or mixed_reward,
+        args=tiny_args(tmp_path, **{"max_steps": 1, **overrides}),
+        train_dataset=addition_dataset() if dataset is None else dataset,
+        processing_class=tokenizer,
+    )
+
+
+def _bad_row_5_stream():
+    from datasets import Dataset
+
+    rows = [{"prompt": f"{a}+1=", "completion": f"{a}+1={a + 1}"} for a in range(8)]
+    rows[5]["completion"] = None
+    return Dataset.from_list(rows).to_iterable_dataset()
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hpt_trl.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=1, n_head=2)
+    config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    return GPT2LMHeadModel(config)
+
+
+def _demo_too_long():
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": "1+1=", "completion": "2" * 300}, {"prompt": "3+1=", "completion": "4"}])
+
+
+def _nan_gate(performance):
+    return performance, 1 - performance  # P is NaN for a prompt with no scored rollout
+
+
+def _infinite_reward(prompts, completions, **kwargs):
+    return [float("inf") if i == 3 else 0.0 for i in range(len(prompts))]
+
+
+def _unscored_half(prompts, completions, **kwargs):
+    return [None if int(p.split("+")[0]) % 2 else 0.0 for p in prompts]
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda p: _trainer(p, dataset=_empty()), "The train dataset is empty"),
+        (lambda p: _trainer(p, model="./no/such/model"), r"The model path './no/such/model' does not exist"),
+        (
+            lambda p: _trainer(p, model="never/loaded", performance_reward="accuracy"),
+            r"`performance_reward='accuracy'`",
+        ),
+    ],
+    ids=["empty-dataset", "missing-model-path", "unknown-performance-reward-before-model-load"],
+)
+def test_trainer_rejects_bad_input_at_construction(tmp_path, build, message):
+    with pytest.raises(ValueError, match=message):
+        build(tmp_path)
+
+
+def _empty():
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": [], "completion": []})
+
+
+@pytest.mark.parametrize(
+    "build, error, message",
+    [
+        (
+            lambda p: _trainer(p, dataset=_bad_row_5_stream(), per_device_train_batch_size=4, max_steps=4),
+            ValueError,
+            r"Row 5 of the train dataset has an invalid demonstration in column 'completion': it is None",
+        ),
+        (
+            lambda p: _trainer(p, dataset=_demo_too_long(), gamma=1.0, per_device_train_batch_size=4, model=_gpt2()),
+            ValueError,
+            r"A demonstration of 301 tokens after a prompt of 4 tokens exceeds the model's 64 learned positions",
+        ),
+        (
+            lambda p: _trainer(p, reward=_unscored_half, gamma=0.0),
+            ValueError,
+            r"gate_function _nan_gate returned alpha=nan",
+        ),
+        (
+            lambda p: _trainer(p, reward=_infinite_reward),
+            ValueError,
+            r"At step 0, reward function '_infinite_reward' returned inf for rollout 3",
+        ),
+    ],
+    ids=["streamed-bad-row", "demonstration-past-position-limit", "nan-gate-function", "infinite-reward"],
+)
+def test_training_stops_with_a_named_cause(tmp_path, build, error, message):
+    trainer = build(tmp_path)
+    if "nan_gate" in message:
+        trainer._gate_settings = type(trainer._gate_settings)(
+            **{**trainer._gate_settings.__dict__, "gate_function": _nan_gate}
+        )
+    with pytest.raises(error, match=message):
+        trainer.train()
+
+
+def _extreme_reward_at_step_2(prompts, completions, **kwargs):
+    _extreme_reward_at_step_2.calls += 1
+    if _extreme_reward_at_step_2.calls < 2:
+        return [float(len(c) % 2) for c in completions]
+    return [3e38 * (len(c) % 2) for c in completions]  # finite, but the loss overflows to inf
+
+
+def test_non_finite_gradient_stops_before_the_update_and_keeps_good_checkpoints(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    _extreme_reward_at_step_2.calls = 0
+    trainer = _trainer(
+        tmp_path, reward=_extreme_reward_at_step_2, gamma=-1.0, max_steps=3, save_strategy="steps", save_steps=1,
+        num_generations=4,
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"The gradient norm is (nan|inf) at optimizer step 2 .* last good"):
+        trainer.train()
+    assert (tmp_path / "checkpoint-1").is_dir() and not (tmp_path / "checkpoint-2").exists()
+    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "checkpoint-1" / "model.safetensors").values())
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())  # the bad update never happened
+
+
+@pytest.mark.parametrize("algorithm, gamma", [("grpo", 0.0), ("hpt", -1.0)])
+def test_pure_rl_needs_no_demonstration_column(tmp_path, algorithm, gamma):
+    from helpers import addition_dataset
+
+    trainer = _trainer(
+        tmp_path, dataset=addition_dataset().remove_columns("completion"), algorithm=algorithm, gamma=gamma
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_numpy_gamma(tmp_path):
+    import numpy as np
+
+    trainer = _trainer(tmp_path, gamma=np.float32(0.0))
+    trainer.train()
+    assert trainer.gate_history[0]["gated"].count(True) == 2
+
+
+def test_allow_missing_demonstrations(tmp_path):
+    from datasets import Dataset
+    from helpers import half_solved_reward
+
+    rows = [{"prompt": f"{a}+1=", "completion": None if a in (1, 3) else f"{a}+1={a + 1}"} for a in range(4)]
+    with pytest.raises(ValueError, match="Row 1 .* it is None"):
+        _trainer(tmp_path, dataset=Dataset.from_list(rows), reward=half_solved_reward)
+    trainer = _trainer(
+        tmp_path, dataset=Dataset.from_list(rows), reward=half_solved_reward, allow_missing_demonstrations=True
+    )
+    trainer.train()
+    record = trainer.gate_history[0]
+    # odd prompts (1, 3) are never solved but have no demonstration: they stay on RL, never gated
+    assert record["gated"] == [False] * 4 and record["estimator"] == ["rl"] * 4
+    assert [
+        e["hpt/missing_demonstration_fraction"]
+        for e in trainer.state.log_history
+        if "hpt/missing_demonstration_fraction" in e
+    ] == [0.5]
