@@ -18,6 +18,7 @@ from transformers import PrinterCallback, TrainerCallback
 from .hpt_config import HPTConfig
 from .hpt_trainer import HPTTrainer
 from .plotting import plot_training_dynamics
+from .provenance import provenance
 from .tiny import build_tiny_model, build_tiny_tokenizer
 from .toy_task import build_toy_math_dataset, toy_answer_reward
 
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.time() - start, 1),
     }
     with open(os.path.join(args.output_dir, "quickstart_results.json"), "w") as f:
-        json.dump({**summary, "sft_share_per_step": sft_share}, f, indent=2)
+        json.dump({**summary, "seed": args.seed, **provenance(), "sft_share_per_step": sft_share}, f, indent=2)
 
     print(
         f"\nHeld-out accuracy (greedy, {len(dataset['test'])} problems): "
