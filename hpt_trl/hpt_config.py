@@ -142,12 +142,15 @@ class HPTConfig(GRPOConfig):
 
         > Speed
 
-        skip_zero_loss_rows (`bool`, *optional*, defaults to `False`):
+        skip_zero_loss_rows (`bool` or `None`, *optional*, defaults to `None`):
             Skip the forward and backward pass over rollouts whose RL loss is exactly zero: zero advantage (e.g. a
             group that scored all 0 or all 1) or removed by the gate. The update is unchanged (TRL's normalizers are
-            kept), but TRL's rollout metrics (`entropy`, `clip_ratio/*`) are then computed over the rows that were
-            run. Requires `beta=0.0`, no entropy bonus, `top_entropy_quantile=1.0` and a `loss_type` other than
-            `"bnpo"` (whose normalizer counts the skipped rows' tokens).
+            kept). It is exact only with `beta=0.0`, no entropy bonus, `top_entropy_quantile=1.0`, a `loss_type` whose
+            normalizer does not count the skipped rows (not `"bnpo"`; `"vespo"` is not verified) and a dense model
+            (not a mixture-of-experts router loss, `output_router_logits`). `None` (default): on wherever it is exact,
+            off elsewhere with one info line that says why; `True`: on, and an error where it is not exact; `False`:
+            off. While it is on, TRL's rollout metrics computed in the loss (`entropy`, `clip_ratio/*`, ...) describe
+            the rows that were run, so they are logged as `hpt/kept_rows/<name>` instead.
     """
 
     # Paper defaults for the RL term (Dr. GRPO, no KL)
@@ -211,9 +214,12 @@ class HPTConfig(GRPOConfig):
         default=False,
         metadata={"help": "Accept prompts without a demonstration (None or empty): they are never gated."},
     )
-    skip_zero_loss_rows: bool = field(
-        default=False,
-        metadata={"help": "Skip forward/backward over rollouts whose RL loss is exactly zero (same update)."},
+    skip_zero_loss_rows: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Skip forward/backward over rollouts whose RL loss is exactly zero (same update). Default: on "
+            "wherever exact."
+        },
     )
 
     def __post_init__(self):
@@ -245,18 +251,11 @@ class HPTConfig(GRPOConfig):
             raise ValueError(
                 f"`gate_linear_upper` ({self.gate_linear_upper}) must be greater than `gamma` ({self.gamma})."
             )
-        if self.skip_zero_loss_rows:
-            conflicts = {
-                "beta != 0": self.beta != 0.0,
-                "an entropy bonus": self.entropy_coef != 0.0 or self.use_adaptive_entropy,
-                "top_entropy_quantile < 1": self.top_entropy_quantile < 1.0,
-                "loss_type='bnpo'": self.loss_type == "bnpo",
-            }
-            if any(conflicts.values()):
-                raise ValueError(
-                    "`skip_zero_loss_rows=True` keeps the update exact only when a zero-advantage row contributes "
-                    f"nothing, which is not the case with {[name for name, bad in conflicts.items() if bad]}."
-                )
+        if self.skip_zero_loss_rows and self.inexact_skipping_reasons:
+            raise ValueError(
+                "`skip_zero_loss_rows=True` keeps the update exact only when a zero-advantage row contributes nothing, "
+                f"which is not the case with {self.inexact_skipping_reasons}. Leave it at None to skip only where exact."
+            )
         if self.gamma_off is not None and not self.gamma_off > self.gamma:
             raise ValueError(f"`gamma_off` ({self.gamma_off}) must be greater than `gamma` ({self.gamma}).")
         if not math.isfinite(self.success_threshold):
@@ -278,3 +277,16 @@ class HPTConfig(GRPOConfig):
         """Whether this configuration can put demonstrations in the loss."""
         never_gated = self.algorithm == "hpt" and self.gamma < 0 and self.gate == "switch" and self.gamma_off is None
         return self.algorithm != "grpo" and not never_gated
+
+    @property
+    def inexact_skipping_reasons(self) -> list[str]:
+        """The settings under which skipping zero-loss rows would change the update (the model is checked by the
+        trainer)."""
+        conflicts = {
+            "beta != 0": self.beta != 0.0,
+            "an entropy bonus": self.entropy_coef != 0.0 or self.use_adaptive_entropy,
+            "top_entropy_quantile < 1": self.top_entropy_quantile < 1.0,
+            "loss_type='bnpo'": self.loss_type == "bnpo",
+            "loss_type='vespo' (not verified)": self.loss_type == "vespo",
+        }
+        return [name for name, bad in conflicts.items() if bad]

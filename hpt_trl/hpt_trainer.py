@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object
+from datasets import IterableDataset
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 from trl.trainer.utils import RepeatSampler, get_callable_name, get_config_model_id
@@ -55,6 +56,25 @@ def _check_model_path(model: str) -> None:
         )
 
 
+# Column the trainer adds to the training dataset: each demonstration's token ids, tokenized once
+DEMONSTRATION_IDS_COLUMN = "hpt_demonstration_ids"
+
+
+def _tokenize_demonstration(example, column, processing_class, eos_token_ids, end_of_turn_id, template_kwargs):
+    demonstration = example.get(column)
+    if is_missing_demonstration(demonstration):
+        return {DEMONSTRATION_IDS_COLUMN: []}
+    ids = demonstration_token_ids(
+        example["prompt"],
+        demonstration,
+        processing_class,
+        eos_token_ids,
+        end_of_turn_id=end_of_turn_id,
+        **template_kwargs,
+    )
+    return {DEMONSTRATION_IDS_COLUMN: ids}
+
+
 def _learned_position_limit(model) -> int | None:
     """The number of positions of a model with a learned position table (GPT-2's `wpe`, OPT's `embed_positions`, ...),
     past which its forward pass fails with an IndexError; `None` for rotary or relative positions (Llama, Qwen, ...)."""
@@ -65,6 +85,19 @@ def _learned_position_limit(model) -> int | None:
 
 
 LEARNED_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+
+# Rollout metrics TRL 1.16 logs in `GRPOTrainer._compute_loss`
+ROLLOUT_METRICS = (
+    "entropy",
+    "kl",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "clip_ratio/low_min",
+    "clip_ratio/high_max",
+    "cispo_clip_ratio",
+    "vespo/phi_seq_mean",
+)
 
 
 def _prompt_id(prompt: Any) -> str:
@@ -193,11 +226,7 @@ class HPTTrainer(GRPOTrainer):
 
         self._performance_index, reason = resolve_performance_reward(self.reward_func_names, args.performance_reward)
         logger.info(reason)
-        if args.skip_zero_loss_rows and self.aux_loss_enabled:
-            raise ValueError(
-                "`skip_zero_loss_rows=True` is not exact for a mixture-of-experts model with `output_router_logits`: "
-                "the router's auxiliary loss would be computed over the kept rows only. Set skip_zero_loss_rows=False."
-            )
+        self._skip_zero_loss_rows = self._resolve_skip_zero_loss_rows(args)
         self._template_kwargs = dict(self.chat_template_kwargs)
         if self.tools:
             self._template_kwargs["tools"] = self.tools
@@ -206,8 +235,8 @@ class HPTTrainer(GRPOTrainer):
         self._end_of_turn_id = None
         if trains_demonstrations and train_dataset is not None and is_conversational(next(iter(train_dataset))):
             self._end_of_turn_id = end_of_turn_token_id(self._tokenizer, self.eos_token_ids, **self._template_kwargs)
-        if args.max_demonstration_length is not None:
-            self._warn_about_long_demonstrations(train_dataset)
+        if trains_demonstrations and self.train_dataset is not None:
+            self.train_dataset = self._tokenize_demonstrations(self.train_dataset)
         self._gathered_rewards_per_func = None
         self._position_limit = _learned_position_limit(self.model)
         self._gate_settings = GateSettings.from_config(args, gate_function)
@@ -217,6 +246,23 @@ class HPTTrainer(GRPOTrainer):
         # before the checkpoint's step), appended one synced line per generation batch
         self.gate_log = GateLog(os.path.join(args.output_dir, GATE_LOG_NAME), enabled=self.accelerator.is_main_process)
         self.add_callback(GateLogCallback(self.gate_log))
+
+    def _resolve_skip_zero_loss_rows(self, args: HPTConfig) -> bool:
+        """`skip_zero_loss_rows`: None turns it on wherever the update stays exact (the config's settings and a dense
+        model), and says why where it does not."""
+        if args.skip_zero_loss_rows and self.aux_loss_enabled:
+            raise ValueError(
+                "`skip_zero_loss_rows=True` is not exact for a mixture-of-experts model with `output_router_logits`: "
+                "the router's auxiliary loss would be computed over the kept rows only. Set skip_zero_loss_rows=False."
+            )
+        if args.skip_zero_loss_rows is not None:
+            return bool(args.skip_zero_loss_rows)
+        reasons = args.inexact_skipping_reasons
+        if self.aux_loss_enabled:
+            reasons = [*reasons, "a mixture-of-experts router loss (output_router_logits)"]
+        if reasons:
+            logger.info(f"skip_zero_loss_rows is off: skipping zero-loss rows would change the update with {reasons}.")
+        return not reasons
 
     @property
     def gate_function(self) -> Callable | None:
@@ -236,27 +282,33 @@ class HPTTrainer(GRPOTrainer):
 
             add_hpt_settings(os.path.join(self.args.output_dir, "README.md"), self.args, self.reward_func_names)
 
-    def _demonstration_ids(self, example: dict, max_length: int | None) -> list[int]:
-        return demonstration_token_ids(
-            example["prompt"],
-            example[self.args.demonstration_column],
-            self._tokenizer,
-            self.eos_token_ids,
-            max_length=max_length,
-            end_of_turn_id=self._end_of_turn_id,
-            **self._template_kwargs,
-        )
-
-    def _warn_about_long_demonstrations(self, dataset) -> None:
-        if dataset is None or not hasattr(dataset, "__len__"):
-            return
+    def _tokenize_demonstrations(self, dataset):
+        """Tokenize every demonstration once, as SFTTrainer tokenizes its dataset: a `datasets.map` that adds the ids
+        (untruncated; `[]` for a missing demonstration) as the column `DEMONSTRATION_IDS_COLUMN`. A streaming dataset
+        is mapped lazily, row by row."""
+        kwargs = {
+            "column": self.args.demonstration_column,
+            "processing_class": self._tokenizer,
+            "eos_token_ids": list(self.eos_token_ids),
+            "end_of_turn_id": self._end_of_turn_id,
+            "template_kwargs": self._template_kwargs,
+        }
+        if isinstance(dataset, IterableDataset):
+            return dataset.map(_tokenize_demonstration, fn_kwargs=kwargs)
+        dataset = dataset.map(_tokenize_demonstration, fn_kwargs=kwargs, desc="Tokenizing demonstrations")
         limit = self.args.max_demonstration_length
-        too_long = sum(len(self._demonstration_ids(example, None)) > limit for example in dataset)
-        if too_long:
-            logger.warning(
-                f"{too_long} of {len(dataset)} demonstrations are longer than max_demonstration_length={limit} tokens "
-                "and will be truncated to it."
-            )
+        if limit is not None:
+            too_long = sum(len(ids) > limit for ids in dataset[DEMONSTRATION_IDS_COLUMN])
+            if too_long:
+                logger.warning(
+                    f"{too_long} of {len(dataset)} demonstrations are longer than max_demonstration_length={limit} "
+                    "tokens and will be truncated to it."
+                )
+        return dataset
+
+    def _demonstration_ids(self, example: dict, max_length: int | None) -> list[int]:
+        ids = example[DEMONSTRATION_IDS_COLUMN]
+        return ids[:max_length] if max_length is not None else ids
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # TRL returns the rewards gathered across processes: keep them, the gate needs every rollout of every prompt.
@@ -425,15 +477,51 @@ class HPTTrainer(GRPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        if self.args.skip_zero_loss_rows and mode == "train":
-            loss = self._rl_loss_without_zero_rows(model, inputs)
+        metrics = self._metrics[mode]
+        logged = {key: len(metrics[key]) for key in ROLLOUT_METRICS if key in metrics}
+        skipping = self._skip_zero_loss_rows and mode == "train"
+        if skipping:
+            loss, loss_tokens = self._rl_loss_without_zero_rows(model, inputs)
         else:
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss_tokens = self._loss_mask(inputs).sum()
+        self._relabel_rollout_metrics(metrics, logged, loss_tokens, kept_rows_only=skipping)
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0  # TRL's loss is scaled for GA
-        self._metrics[mode]["hpt/rl_loss"].append(self.accelerator.gather(loss.detach() * scale).mean().item())
+        metrics["hpt/rl_loss"].append(self.accelerator.gather(loss.detach() * scale).mean().item())
         if DEMO_IDS in inputs:
             loss = loss + self._demonstration_loss(model, inputs)
         return loss
+
+    @staticmethod
+    def _loss_mask(inputs: dict[str, Any]) -> torch.Tensor:
+        mask = inputs["completion_mask"]
+        return mask if inputs.get("tool_mask") is None else mask * inputs["tool_mask"]
+
+    def _relabel_rollout_metrics(self, metrics, logged: dict[str, int], loss_tokens, kept_rows_only: bool) -> None:
+        """Keep TRL's rollout metrics of this micro-batch from meaning something else: where no rollout token is in the
+        loss on any process (every prompt on SFT), they are missing (NaN, which TRL's `log` leaves out), not TRL's 0;
+        while zero-loss rows are skipped they describe the rows that were run, so they move to `hpt/kept_rows/*`."""
+        empty = (
+            self.accelerator.reduce(
+                torch.as_tensor(loss_tokens, dtype=torch.float32).to(self.accelerator.device), reduction="sum"
+            )
+            == 0
+        )
+        if not empty and not kept_rows_only:
+            return
+        for key in ROLLOUT_METRICS:
+            values = metrics.get(key)
+            if values is None or len(values) == logged.get(key, 0):
+                continue
+            new = values[logged.get(key, 0) :]
+            del values[logged.get(key, 0) :]
+            new = [math.nan] * len(new) if empty else new
+            if kept_rows_only:
+                metrics[f"hpt/kept_rows/{key}"].extend(new)
+                if not values:
+                    del metrics[key]
+            else:
+                values.extend(new)
 
     # Loss types whose normalizer counts the micro-batch's rows: a row subset's loss is rescaled by kept rows / rows
     MEAN_OVER_ROWS_LOSS_TYPES = ("grpo", "dr_grpo", "sapo", "luspo")
@@ -450,28 +538,29 @@ class HPTTrainer(GRPOTrainer):
         "importance_sampling_ratio",
     )
 
-    def _rl_loss_without_zero_rows(self, model, inputs: dict[str, Any]) -> torch.Tensor:
+    def _rl_loss_without_zero_rows(self, model, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """TRL's loss on the rows whose loss can be non-zero only (`skip_zero_loss_rows`), with the same value and
-        gradient as on the whole micro-batch."""
+        gradient as on the whole micro-batch; and the number of loss tokens in the rows that were run."""
+        mask = self._loss_mask(inputs)
         if any(key in inputs for key in ("pixel_values", "num_images", "token_type_ids", "mm_token_type_ids")):
-            return super().compute_loss(model, inputs)  # multimodal fields are not row-aligned: no skipping
-        advantages, mask = inputs["advantages"], inputs["completion_mask"]
-        mask = mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
+            return super().compute_loss(model, inputs), mask.sum()  # multimodal fields are not row-aligned
+        advantages = inputs["advantages"]
         advantage_nonzero = advantages != 0 if advantages.dim() == 1 else (advantages != 0).any(dim=1)
         rows = (advantage_nonzero & (mask.sum(dim=1) > 0)).nonzero().squeeze(1)
         num_rows = mask.size(0)
+        self._metrics["train"]["hpt/skipped_rows_fraction"].append(1.0 - rows.numel() / num_rows)
         if rows.numel() == num_rows:
-            return super().compute_loss(model, inputs)
+            return super().compute_loss(model, inputs), mask.sum()
+        loss_tokens = mask[rows].sum()
         if rows.numel() == 0:  # keep one (zero-loss) row: every process must run the same forward passes
             rows = rows.new_zeros(1)
         subset = {
             key: value[rows] if key in self.ROW_KEYS and value is not None else value for key, value in inputs.items()
         }
         loss = super().compute_loss(model, subset)
-        self._metrics["train"]["hpt/skipped_rows_fraction"].append(1.0 - rows.numel() / num_rows)
         if self.loss_type in self.MEAN_OVER_ROWS_LOSS_TYPES:
             loss = loss * rows.numel() / num_rows
-        return loss
+        return loss, loss_tokens
 
     def _demonstration_loss(self, model, inputs: dict[str, Any]) -> torch.Tensor:
         """The demonstrations' UPGE terms in this micro-batch: SFT (`sft` preset, times `sft_loss_coef`) and off-policy

@@ -8,11 +8,13 @@
 | `sft_share.png` | `hpt/sft_fraction` | share of prompts trained with SFT (P <= gamma) in each step |
 | `reward.png` | `reward` | mean reward of the rollouts |
 | `performance.png` | `hpt/performance_mean` | mean performance P of the prompts |
-| `entropy.png` | `entropy` | mean token entropy of the policy on its rollouts |
+| `entropy.png` | `entropy` | mean token entropy of the policy on its rollouts in the loss |
+| `entropy_kept_rows.png` | `hpt/kept_rows/entropy` | the same, over the rollouts that were run when `skip_zero_loss_rows` skips the zero-loss ones |
 | `completion_length.png` | `completions/mean_length` | mean rollout length, in tokens |
 | `training_dynamics.png` | all of the above | overview |
 
-`hpt-trl train` writes `OUTPUT_DIR/trainer_state.json` at the end of training, whatever its `save_strategy`. The
+A step where no rollout is in the loss (every prompt on SFT) has no entropy: it is logged as missing, not 0, and
+left out of the plot. `hpt-trl train` writes `OUTPUT_DIR/trainer_state.json` at the end of training, whatever its `save_strategy`. The
 Trainer itself writes it with each checkpoint (or on `trainer.save_state()`): a script of your own that trains with
 `save_strategy="no"` should call `trainer.save_state()`, or plot `trainer.state.log_history` with
 [`plot_training_dynamics`].
@@ -40,6 +42,7 @@ METRICS = {
     "reward": ("reward.png", "Mean reward", "reward"),
     "hpt/performance_mean": ("performance.png", "Performance P", "mean P (rollout success rate)"),
     "entropy": ("entropy.png", "Entropy", "token entropy (nats)"),
+    "hpt/kept_rows/entropy": ("entropy_kept_rows.png", "Entropy (rollouts run)", "token entropy (nats)"),
     "completions/mean_length": ("completion_length.png", "Completion length", "tokens"),
 }
 OVERVIEW_FILE = "training_dynamics.png"

@@ -15,6 +15,7 @@ import time
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
+from .generation import generate_batched
 from .hpt_config import HPTConfig
 from .hpt_trainer import HPTTrainer
 from .plotting import plot_training_dynamics
@@ -38,20 +39,13 @@ class CompactLogCallback(TrainerCallback):
             )
 
 
-@torch.no_grad()
 def greedy_accuracy(model, tokenizer, dataset, max_new_tokens: int = 24, batch_size: int = 64) -> float:
-    """Share of `dataset` rows whose greedy completion has the right final answer."""
+    """Share of `dataset` rows whose greedy completion has the right final answer (batches in the dataset's order)."""
     model.eval()
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    correct = 0
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset[start : start + batch_size]
-        encoded = tokenizer(rows["prompt"], return_tensors="pt", padding=True).to(model.device)
-        output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False)
-        texts = tokenizer.batch_decode(output[:, encoded["input_ids"].size(1) :], skip_special_tokens=True)
-        correct += sum(toy_answer_reward(texts, rows["solution"]))
-    tokenizer.padding_side = padding_side
-    return correct / len(dataset)
+    completions = generate_batched(
+        model, tokenizer, dataset["prompt"], batch_size, max_new_tokens=max_new_tokens, do_sample=False
+    )
+    return sum(toy_answer_reward([texts[0] for texts in completions], dataset["solution"])) / len(dataset)
 
 
 def build_quickstart_setup(seed: int = 0):

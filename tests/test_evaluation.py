@@ -126,3 +126,38 @@ def test_transformers_generator_greedy_repeats_one_sample(tiny_model_dir):
     assert len(outputs) == 3 and all(len(o) == 3 and o[0] == o[1] == o[2] for o in outputs)
     sampled = evaluation.TransformersGenerator(tiny_model_dir, temperature=1.0, max_new_tokens=5)
     assert [len(o) for o in sampled(["a", "bb"], 2)] == [2, 2]
+
+
+def test_one_generation_loop_for_eval_and_the_quickstart(tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hpt_trl import generation, quickstart
+    from hpt_trl.toy_task import build_toy_math_dataset
+
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
+    prompts = ["1+2+3=", "4=", "10+20="]
+    tokenizer.padding_side = "right"
+    kwargs = {"max_new_tokens": 4, "do_sample": False}
+    in_order = generation.generate_batched(model, tokenizer, prompts, 2, **kwargs)
+    by_length = generation.generate_batched(model, tokenizer, prompts, 2, sort_by_length=True, **kwargs)
+    assert tokenizer.padding_side == "right"  # restored
+    assert len(in_order) == 3 and all(len(texts) == 1 for texts in in_order)
+    assert in_order == by_length  # each prompt's completion is in its place, whatever the batches
+    # `hpt-trl eval` and the quickstart's greedy accuracy both run this loop
+    calls = []
+    original = generation.generate_batched
+    monkeypatch.setattr(generation, "generate_batched", lambda *a, **k: calls.append(k) or original(*a, **k))
+    evaluation.TransformersGenerator(model, tokenizer, temperature=0.0, max_new_tokens=4)(prompts, 2)
+    assert tokenizer.padding_side == "right"  # no longer left as "left" for the caller
+    monkeypatch.setattr(quickstart, "generate_batched", generation.generate_batched)
+    quickstart.greedy_accuracy(model, tokenizer, build_toy_math_dataset(max_digit=6, seed=0)["test"].select(range(3)))
+    assert (
+        len(calls) == 2
+        and calls[0]["sort_by_length"]
+        and "sort_by_length" not in calls[1]
+        and calls[1]["do_sample"] is False
+        and calls[1]["max_new_tokens"] == 24
+    )

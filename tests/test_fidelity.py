@@ -491,8 +491,7 @@ def test_trainer_puts_the_demonstration_after_the_rollouts_prompt_ids(tmp_path):
 # 6. skip_zero_loss_rows with mixture-of-experts models
 
 
-def test_skip_zero_loss_rows_refuses_moe_router_loss(tmp_path):
-    tokenizer = build_tiny_tokenizer()
+def _tiny_mixtral(tokenizer):
     config = MixtralConfig(
         vocab_size=len(tokenizer),
         hidden_size=16,
@@ -506,9 +505,14 @@ def test_skip_zero_loss_rows_refuses_moe_router_loss(tmp_path):
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+    return MixtralForCausalLM(config)
+
+
+def test_skip_zero_loss_rows_refuses_moe_router_loss(tmp_path):
+    tokenizer = build_tiny_tokenizer()
     with pytest.raises(ValueError, match="not exact for a mixture-of-experts model with `output_router_logits`"):
         HPTTrainer(
-            model=MixtralForCausalLM(config),
+            model=_tiny_mixtral(tokenizer),
             reward_funcs=mixed_reward,
             args=tiny_args(tmp_path, skip_zero_loss_rows=True),
             train_dataset=addition_dataset(),

@@ -50,8 +50,15 @@ def write_state(directory, log_history):
 
 
 def test_metrics_and_file_names():
-    assert [METRICS[k][0] for k in METRICS] == METRIC_FILES
-    assert list(METRICS) == ["hpt/sft_fraction", "reward", "hpt/performance_mean", "entropy", "completions/mean_length"]
+    assert [METRICS[k][0] for k in METRICS] == [*METRIC_FILES[:4], "entropy_kept_rows.png", METRIC_FILES[4]]
+    assert list(METRICS) == [
+        "hpt/sft_fraction",
+        "reward",
+        "hpt/performance_mean",
+        "entropy",
+        "hpt/kept_rows/entropy",
+        "completions/mean_length",
+    ]
 
 
 def test_find_trainer_state_prefers_output_dir_then_latest_checkpoint(tmp_path):
@@ -134,9 +141,15 @@ def test_cli_plot_from_a_real_short_hpt_run(tmp_path, capsys):
 
     assert cli_main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "plots")]) == 0
     printed = capsys.readouterr().out.split()
-    assert printed == [str(tmp_path / "plots" / name) for name in [*METRIC_FILES, OVERVIEW_FILE]]
+    history = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    steps = [entry for entry in history if "hpt/sft_fraction" in entry]
+    # From scratch every rollout fails, so every prompt is on SFT and no rollout is in the loss: the entropy of the
+    # rollouts run is missing (None) at every step, not TRL's 0, and it is not plotted
+    assert [entry["hpt/sft_fraction"] for entry in steps] == [1.0] * 4
+    assert [entry["hpt/kept_rows/entropy"] for entry in steps] == [None] * 4 and "entropy" not in steps[0]
+    plotted = [name for name in METRIC_FILES if name != "entropy.png"]
+    assert printed == [str(tmp_path / "plots" / name) for name in [*plotted, OVERVIEW_FILE]]
     for path in printed:
         assert_real_png(path)
-    history = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
-    for key in METRICS:  # every plotted metric was really logged at every step
+    for key in ("hpt/sft_fraction", "reward", "hpt/performance_mean", "completions/mean_length"):
         assert sum(key in entry for entry in history) == 4, key

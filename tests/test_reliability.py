@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from hpt_trl import evaluation
-from hpt_trl.rewards import VerifierPool, get_math_accuracy_reward
+from hpt_trl.rewards import get_math_accuracy_reward
+from hpt_trl.verifier_pool import VerifierPool
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GSM8K, MATH500 = str(FIXTURES / "gsm8k.jsonl"), str(FIXTURES / "math500.jsonl")

@@ -7,11 +7,11 @@ import pytest
 
 from hpt_trl.rewards import (
     MathAccuracyReward,
-    VerifierPool,
     get_math_accuracy_reward,
     math_accuracy_reward,
     normalize_gold,
 )
+from hpt_trl.verifier_pool import VerifierPool
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,8 @@ def test_a_hung_item_is_unscored_and_its_worker_is_replaced():
 def test_trl_integration_name_pickle_and_logging(reward):
     from trl.trainer.utils import get_callable_name
 
-    assert get_callable_name(math_accuracy_reward) == "accuracy_reward"
+    # its own name: TRL's `accuracy_reward` is another function
+    assert get_callable_name(math_accuracy_reward) == "math_accuracy_reward"
     assert isinstance(math_accuracy_reward, MathAccuracyReward) and math_accuracy_reward._pool is None  # lazy
     logged, metrics = {}, {}
     scores = reward(
@@ -128,7 +129,7 @@ def test_trl_integration_name_pickle_and_logging(reward):
     )
     assert scores == [1.0]
     assert logged["solution"] == ["2"] and logged["answer_parsed"][0].startswith("[2")
-    assert metrics == {"accuracy_reward/timeouts": 0.0}
+    assert metrics == {"math_accuracy_reward/timeouts": 0.0}
     clone = pickle.loads(pickle.dumps(reward))  # TRL may send reward functions to another process
     assert clone._pool is None and clone.timeout == reward.timeout
     assert clone([r"\boxed{3}"], ["3"]) == [1.0]
