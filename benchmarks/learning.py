@@ -196,6 +196,7 @@ def main(argv=None) -> int:
     argv_text = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     command = f"OMP_NUM_THREADS=1 python benchmarks/learning.py {argv_text}".strip()
 
+    commit = git_commit(__file__)  # before this run writes its results files (tracked), which would read as dirty
     runs, commands = [], [command]
     if args.resume and os.path.exists(json_path):
         with open(json_path) as f:
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
         result = {
             "command": command,
             "commands": commands,
-            "commit": git_commit(__file__),
+            "commit": commit,
             "versions": library_versions(),
             "settings": settings,
             "runs": runs,
