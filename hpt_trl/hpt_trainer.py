@@ -255,11 +255,19 @@ class HPTTrainer(GRPOTrainer):
                 "`skip_zero_loss_rows=True` is not exact for a mixture-of-experts model with `output_router_logits`: "
                 "the router's auxiliary loss would be computed over the kept rows only. Set skip_zero_loss_rows=False."
             )
+        several_processes = self.accelerator.num_processes > 1
+        if args.skip_zero_loss_rows and several_processes:
+            raise ValueError(
+                "`skip_zero_loss_rows=True` does not run on several processes yet: TRL 1.16 gathers per-row clip "
+                "metrics across processes, and the processes keep different numbers of rows. Leave it at None."
+            )
         if args.skip_zero_loss_rows is not None:
             return bool(args.skip_zero_loss_rows)
         reasons = args.inexact_skipping_reasons
         if self.aux_loss_enabled:
             reasons = [*reasons, "a mixture-of-experts router loss (output_router_logits)"]
+        if several_processes:
+            reasons = [*reasons, "several processes (TRL 1.16 gathers per-row metrics of equal size across processes)"]
         if reasons:
             logger.info(f"skip_zero_loss_rows is off: skipping zero-loss rows would change the update with {reasons}.")
         return not reasons

