@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -221,7 +222,7 @@ class GateInputs:
     rewards: torch.Tensor
     has_demonstration: torch.Tensor
 
-    @property
+    @cached_property  # read by the planner and by `_plan`: computed once
     def performance(self) -> torch.Tensor:
         return performance_per_prompt(self.success.reshape(-1), self.success.size(1))
 
