@@ -159,8 +159,10 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
-def training_options(args, max_steps: int, output_dir: str) -> dict:
-    """The one config both trainers get (HPTConfig adds only gamma=0)."""
+def training_options(args, max_steps: int, output_dir: str, device: str | None = None) -> dict:
+    """The one config both trainers get (HPTConfig adds only gamma=0), on `device` (default `args.device`): CPU in
+    fp32, CUDA with bf16 autocast."""
+    device = device or args.device
     return dict(  # noqa: C408 (keyword form, as a config)
         output_dir=output_dir,
         num_generations=args.num_generations,
@@ -174,8 +176,8 @@ def training_options(args, max_steps: int, output_dir: str) -> dict:
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        use_cpu=args.device == "cpu",
-        bf16=args.device == "cuda",
+        use_cpu=device == "cpu",
+        bf16=device == "cuda",
         seed=0,
         disable_tqdm=True,
         loss_type="dr_grpo",

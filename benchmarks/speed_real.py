@@ -174,28 +174,10 @@ def rss_mb() -> float:
 
 
 def training_options(args, max_steps: int, output_dir: str) -> dict:
-    """The one config both trainers get (HPTConfig adds only gamma=0)."""
-    return dict(  # noqa: C408 (keyword form, as a config)
-        output_dir=output_dir,
-        num_generations=args.num_generations,
-        per_device_train_batch_size=args.num_prompts * args.num_generations,  # every step sees every prompt once
-        max_completion_length=args.max_completion_length,
-        generation_kwargs={"min_new_tokens": args.max_completion_length},  # same generation work in both trainers
-        temperature=1.0,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="constant",
-        max_steps=max_steps,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,  # the weights themselves are in --dtype: no autocast for either trainer
-        seed=0,
-        disable_tqdm=True,
-        loss_type="dr_grpo",
-        scale_rewards="none",
-        beta=0.0,
-    )
+    """speed.py's config for both trainers, on CPU: the weights themselves are in --dtype, no autocast for either."""
+    from speed import training_options as shared_training_options
+
+    return shared_training_options(args, max_steps, output_dir, device="cpu")
 
 
 class PhaseTimer:

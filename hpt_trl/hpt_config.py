@@ -147,11 +147,13 @@ class HPTConfig(GRPOConfig):
             group that scored all 0 or all 1) or removed by the gate. The update is unchanged (TRL's normalizers are
             kept). It is exact only with `beta=0.0`, no entropy bonus, `top_entropy_quantile=1.0`, a `loss_type` whose
             normalizer does not count the skipped rows (not `"bnpo"`; `"vespo"` is not verified) and a dense model
-            (not a mixture-of-experts router loss, `output_router_logits`), and for now one process (TRL 1.16 gathers
-            per-row metrics that would differ in size across processes). `None` (default): on wherever it applies,
-            off elsewhere with one info line that says why; `True`: on, and an error where it is not exact; `False`:
-            off. While it is on, TRL's rollout metrics computed in the loss (`entropy`, `clip_ratio/*`, ...) describe
-            the rows that were run, so they are logged as `hpt/kept_rows/<name>` instead.
+            (not a mixture-of-experts router loss, `output_router_logits`). On one process (without DeepSpeed or
+            FSDP) a micro-batch with nothing to train runs no forward pass at all; on several processes each runs the
+            largest kept-row count of any process, topped up with zero-loss rows, so that their passes stay in step.
+            `None` (default): on wherever it applies, off elsewhere with one info line that says why; `True`: on, and
+            an error where it is not exact; `False`: off. While it is on, TRL's rollout metrics computed in the loss
+            (`entropy`, `clip_ratio/*`, ...) describe the rows that were run, so they are logged as
+            `hpt/kept_rows/<name>` instead (entropy missing where no row was run).
     """
 
     # Paper defaults for the RL term (Dr. GRPO, no KL)

@@ -255,19 +255,11 @@ class HPTTrainer(GRPOTrainer):
                 "`skip_zero_loss_rows=True` is not exact for a mixture-of-experts model with `output_router_logits`: "
                 "the router's auxiliary loss would be computed over the kept rows only. Set skip_zero_loss_rows=False."
             )
-        several_processes = self.accelerator.num_processes > 1
-        if args.skip_zero_loss_rows and several_processes:
-            raise ValueError(
-                "`skip_zero_loss_rows=True` does not run on several processes yet: TRL 1.16 gathers per-row clip "
-                "metrics across processes, and the processes keep different numbers of rows. Leave it at None."
-            )
         if args.skip_zero_loss_rows is not None:
             return bool(args.skip_zero_loss_rows)
         reasons = args.inexact_skipping_reasons
         if self.aux_loss_enabled:
             reasons = [*reasons, "a mixture-of-experts router loss (output_router_logits)"]
-        if several_processes:
-            reasons = [*reasons, "several processes (TRL 1.16 gathers per-row metrics of equal size across processes)"]
         if reasons:
             logger.info(f"skip_zero_loss_rows is off: skipping zero-loss rows would change the update with {reasons}.")
         return not reasons
@@ -490,15 +482,33 @@ class HPTTrainer(GRPOTrainer):
         skipping = self._skip_zero_loss_rows and mode == "train"
         if skipping:
             loss, loss_tokens = self._rl_loss_without_zero_rows(model, inputs)
+            if loss is None:  # no rollout row was run: TRL logged nothing, the entropy of no rollout is missing
+                metrics["hpt/kept_rows/entropy"].append(math.nan)
         else:
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss_tokens = self._loss_mask(inputs).sum()
         self._relabel_rollout_metrics(metrics, logged, loss_tokens, kept_rows_only=skipping)
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0  # TRL's loss is scaled for GA
-        metrics["hpt/rl_loss"].append(self.accelerator.gather(loss.detach() * scale).mean().item())
+        rl_value = loss.detach() * scale if loss is not None else torch.zeros((), device=self.accelerator.device)
+        metrics["hpt/rl_loss"].append(self.accelerator.gather(rl_value).mean().item())
         if DEMO_IDS in inputs:
-            loss = loss + self._demonstration_loss(model, inputs)
-        return loss
+            demonstration_loss = self._demonstration_loss(model, inputs)
+            if demonstration_loss is not None:
+                loss = demonstration_loss if loss is None else loss + demonstration_loss
+        return loss if loss is not None else self._zero_loss(model)
+
+    @property
+    def _processes_run_in_step(self) -> bool:
+        """Whether every process must run the same forward passes: several processes (DDP's gradient all-reduce, TRL's
+        gathered metrics), DeepSpeed or FSDP (which gather sharded parameters in every forward pass). Otherwise a
+        micro-batch with nothing to train runs no forward pass at all."""
+        return self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled
+
+    @staticmethod
+    def _zero_loss(model) -> torch.Tensor:
+        """A zero loss that gives every trainable parameter a zero gradient, as TRL's loss on zero-loss rows does (a
+        parameter without a gradient would be left out of the optimizer step, e.g. AdamW's momentum update)."""
+        return torch.stack([p.sum() for p in model.parameters() if p.requires_grad]).sum() * 0.0
 
     @staticmethod
     def _loss_mask(inputs: dict[str, Any]) -> torch.Tensor:
@@ -546,22 +556,29 @@ class HPTTrainer(GRPOTrainer):
         "importance_sampling_ratio",
     )
 
-    def _rl_loss_without_zero_rows(self, model, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rl_loss_without_zero_rows(self, model, inputs: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor]:
         """TRL's loss on the rows whose loss can be non-zero only (`skip_zero_loss_rows`), with the same value and
-        gradient as on the whole micro-batch; and the number of loss tokens in the rows that were run."""
+        gradient as on the whole micro-batch (`None` when no row is run); and the number of loss tokens in the kept
+        rows. Where the processes run in step, each runs the largest kept-row count of any process (at least one row),
+        topped up with zero-loss rows, so that their passes and TRL's gathered per-row metrics have equal sizes."""
         mask = self._loss_mask(inputs)
         if any(key in inputs for key in ("pixel_values", "num_images", "token_type_ids", "mm_token_type_ids")):
             return super().compute_loss(model, inputs), mask.sum()  # multimodal fields are not row-aligned
         advantages = inputs["advantages"]
         advantage_nonzero = advantages != 0 if advantages.dim() == 1 else (advantages != 0).any(dim=1)
-        rows = (advantage_nonzero & (mask.sum(dim=1) > 0)).nonzero().squeeze(1)
+        kept = advantage_nonzero & (mask.sum(dim=1) > 0)
+        rows = kept.nonzero().squeeze(1)
+        loss_tokens = mask[rows].sum()
         num_rows = mask.size(0)
+        if self._processes_run_in_step:
+            count = torch.tensor([rows.numel()], device=mask.device)
+            count = max(int(self.accelerator.gather(count).max()), 1)
+            rows = torch.cat([rows, (~kept).nonzero().squeeze(1)[: count - rows.numel()]])
         self._metrics["train"]["hpt/skipped_rows_fraction"].append(1.0 - rows.numel() / num_rows)
         if rows.numel() == num_rows:
             return super().compute_loss(model, inputs), mask.sum()
-        loss_tokens = mask[rows].sum()
-        if rows.numel() == 0:  # keep one (zero-loss) row: every process must run the same forward passes
-            rows = rows.new_zeros(1)
+        if rows.numel() == 0:
+            return None, loss_tokens
         subset = {
             key: value[rows] if key in self.ROW_KEYS and value is not None else value for key, value in inputs.items()
         }
@@ -570,12 +587,15 @@ class HPTTrainer(GRPOTrainer):
             loss = loss * rows.numel() / num_rows
         return loss, loss_tokens
 
-    def _demonstration_loss(self, model, inputs: dict[str, Any]) -> torch.Tensor:
+    def _demonstration_loss(self, model, inputs: dict[str, Any]) -> torch.Tensor | None:
         """The demonstrations' UPGE terms in this micro-batch: SFT (`sft` preset, times `sft_loss_coef`) and off-policy
-        RL (`luffy` preset: LUFFY and the middle band), each demonstration weighed as one full-length rollout."""
+        RL (`luffy` preset: LUFFY and the middle band), each demonstration weighed as one full-length rollout. `None`
+        when the micro-batch has no demonstration and no process has to run a placeholder pass."""
         demo_mask = inputs[DEMO_MASK]
         rows = demo_mask.any(dim=1).nonzero().squeeze(1)
         if rows.numel() == 0:
+            if not self._processes_run_in_step:
+                return None
             # A zero-weight placeholder row: every process must run the same forward passes (ZeRO-3 gathers the
             # sharded parameters in each one)
             rows = torch.zeros(1, dtype=torch.long, device=demo_mask.device)

@@ -76,6 +76,10 @@ def main(argv=None):
         "sft_fraction": [e["hpt/sft_fraction"] for e in trainer.state.log_history if "hpt/sft_fraction" in e],
         "gate_history": trainer.gate_history,
         "demonstration_calls": DEMO_CALLS,
+        "skip_zero_loss_rows": trainer._skip_zero_loss_rows,
+        "skipped_rows_fraction": [
+            e["hpt/skipped_rows_fraction"] for e in trainer.state.log_history if "hpt/skipped_rows_fraction" in e
+        ],
     }
     with open(os.path.join(training_args.output_dir, f"worker_rank{accelerator.process_index}.json"), "w") as f:
         json.dump(result, f)

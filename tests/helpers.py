@@ -99,3 +99,30 @@ def crash_after_checkpoint_2(output_dir: Path) -> list[str]:
     shutil.rmtree(output_dir / "checkpoint-4")
     (output_dir / "model.safetensors").unlink()
     return gate_log
+
+
+def rank_skewed_reward(prompts, completions, **kwargs):
+    """0 and 1 alternating in the first two groups of 2 rollouts on process 0 and in the first group on the others,
+    1.0 elsewhere: the processes keep different numbers of non-zero-advantage rows (4 and 2 of 8)."""
+    import torch.distributed as dist
+
+    mixed_groups = 2 if not dist.is_initialized() or dist.get_rank() == 0 else 1
+    return [float(i % 2) if i // 2 < mixed_groups else 1.0 for i in range(len(prompts))]
+
+
+def count_rollout_passes(trainer) -> list[int]:
+    """Run `trainer.train()` and return the batch size of every forward pass through TRL's rollout loss."""
+    from trl import GRPOTrainer
+
+    sizes, original = [], GRPOTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        sizes.append(inputs["prompt_ids"].size(0))
+        return original(self, model, inputs, *args, **kwargs)
+
+    GRPOTrainer.compute_loss = spy
+    try:
+        trainer.train()
+    finally:
+        GRPOTrainer.compute_loss = original
+    return sizes

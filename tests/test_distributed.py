@@ -273,3 +273,21 @@ def test_resume_under_ddp(tmp_path):
     resumed = load_file(tmp_path / "model.safetensors")
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_skipping_zero_loss_rows_under_ddp_keeps_the_update(tmp_path):
+    """2 processes that keep different numbers of non-zero-loss rows (helpers.rank_skewed_reward): skipping is on by
+    default, and the trained parameters equal those of the same 2-process run without skipping."""
+    options = ["--reward_funcs", "helpers.rank_skewed_reward", "--performance_reward", "rank_skewed_reward"]
+    full = run(tmp_path / "full", "ddp", *options, "--skip_zero_loss_rows", "false")
+    skipped = run(tmp_path / "skip", "ddp", *options)
+    assert all(not r["skip_zero_loss_rows"] for r in full) and all(r["skip_zero_loss_rows"] for r in skipped)
+    # process 0 keeps 4 of 8 rows, process 1 keeps 2 and runs 2 zero-loss rows more, so both run 4
+    assert skipped[0]["skipped_rows_fraction"] == [0.5] * MAX_STEPS
+    assert skipped[0]["sft_fraction"] == full[0]["sft_fraction"]
+    expected = load_file(tmp_path / "full" / "model.safetensors")
+    initial = load_file(tmp_path / "full" / "tiny-init" / "model.safetensors")
+    assert any((expected[k] - initial[k]).abs().max() > 1e-3 for k in expected), "the run must train"
+    state = load_file(tmp_path / "skip" / "model.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, atol=1e-6, rtol=1e-5, msg=name)

@@ -3,7 +3,8 @@
 import logging
 
 import pytest
-from helpers import addition_dataset, mixed_reward, tiny_args
+import torch
+from helpers import addition_dataset, count_rollout_passes, mixed_reward, tiny_args
 from test_fidelity import _tiny_mixtral
 from test_trainer import logged, make_trainer
 
@@ -91,3 +92,42 @@ def test_demonstrations_are_tokenized_once_per_dataset(tmp_path, monkeypatch):
     trainer.train()
     assert len(calls) == len(addition_dataset())  # 3 steps x 4 demonstrations, none tokenized again
     assert logged(trainer, "hpt/demo_tokens") == [sum(len(d) + 1 for d in addition_dataset()["completion"])] * 3
+
+
+def test_one_process_runs_no_placeholder_rollout_row(tmp_path):
+    # algorithm="sft": no rollout can have a non-zero loss; on one process nothing has to keep the processes in step,
+    # so no rollout row (not even a zero-loss placeholder) is run
+    trainer = make_trainer(tmp_path, algorithm="sft", max_steps=2)
+    assert count_rollout_passes(trainer) == []
+    assert logged(trainer, "hpt/skipped_rows_fraction") == [1.0, 1.0]
+
+
+def _reward_constant_after_first_call():
+    """0 and 1 in every group of 2 rollouts on the first step, then 1.0 for every rollout: from step 2 on no row has
+    a non-zero loss."""
+    calls = []
+
+    def reward(prompts, completions, **kwargs):
+        calls.append(1)
+        return [float(i % 2) for i in range(len(prompts))] if len(calls) == 1 else [1.0] * len(prompts)
+
+    return reward
+
+
+def test_a_step_with_nothing_to_train_keeps_adams_update(tmp_path):
+    # Step 2 has no rollout row with a non-zero loss and no demonstration. Without skipping, TRL's loss gives every
+    # parameter a zero gradient and AdamW still moves them by its momentum; skipping must give the same step (a
+    # parameter left without a gradient would be skipped by the optimizer).
+    def final_parameters(name, skip):
+        trainer = make_trainer(
+            tmp_path / name, reward=_reward_constant_after_first_call(), gamma=-1.0, max_steps=2,
+            skip_zero_loss_rows=skip, optim="adamw_torch", learning_rate=1e-2,
+        )  # fmt: skip
+        sizes = count_rollout_passes(trainer)
+        return sizes, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    skipped_sizes, skipped = final_parameters("skip", True)
+    full_sizes, full = final_parameters("full", False)
+    assert full_sizes == [8, 8] and skipped_sizes == [8]  # step 2 ran no rollout row
+    for name, tensor in full.items():
+        torch.testing.assert_close(skipped[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
