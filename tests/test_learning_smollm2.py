@@ -1,0 +1,122 @@
+"""The SmolLM2 learning benchmark (`benchmarks/learning_smollm2.py`, `hpt_trl.word_problems`): the problem generator,
+its splits, demonstrations, prompt and reward, and (slow) a smoke run of the whole pipeline on the tiny model that is
+resumed without re-running anything. Offline; no accuracy is asserted."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpt_trl.word_problems import (
+    EXAMPLES,
+    Problem,
+    binomial_se,
+    build_problem_splits,
+    build_splits,
+    extract_answer,
+    prompt_messages,
+    word_problem_reward,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_answers_are_right_and_small():
+    splits = build_problem_splits(0, 400, 150, 150)
+    assert {name: len(rows) for name, rows in splits.items()} == {"one_step": 150, "two_step": 150, "train": 400}
+    for problem in [p for rows in splits.values() for p in rows]:
+        value = problem.operands[0]
+        for op, x in zip(problem.ops, problem.operands[1:]):
+            value = {"+": value + x, "-": value - x, "*": value * x}[op]
+            assert value >= 0
+        assert problem.answer == value and isinstance(value, int)
+        assert all(1 <= x <= 20 for x in problem.operands)
+    assert all(p.num_steps == 1 for p in splits["one_step"]) and all(p.num_steps == 2 for p in splits["two_step"])
+    assert {p.ops[0] for p in splits["one_step"]} == {"+", "-", "*"}
+    assert sum(p.num_steps == 1 for p in splits["train"]) == 200
+    assert Problem(("-", "+"), (14, 5, 8)).answer == 17 and Problem(("*",), (3, 4)).answer == 12
+
+
+def test_splits_are_disjoint_and_seeded():
+    splits = build_problem_splits()
+    signatures = {name: {p.signature for p in rows} for name, rows in splits.items()}
+    assert all(len(signatures[name]) == len(rows) for name, rows in splits.items())  # no repeats within a split
+    assert not signatures["train"] & (signatures["one_step"] | signatures["two_step"])
+    assert not signatures["one_step"] & signatures["two_step"]
+    assert not {e.signature for e in EXAMPLES} & set().union(*signatures.values())  # the prompt's examples
+    again = build_problem_splits()
+    assert [p.question() for p in again["two_step"]] == [p.question() for p in splits["two_step"]]
+    assert [p.question() for p in build_problem_splits(1)["one_step"]] != [p.question() for p in splits["one_step"]]
+
+
+def test_demonstrations_end_with_the_parsable_answer_and_the_reward_reads_it():
+    problem = Problem(("+", "-"), (7, 5, 3), "Tom", "He", "apples", (0, 1))
+    assert problem.question() == "Tom has 7 apples. He buys 5 more, then he loses 3. How many apples does Tom have now?"
+    assert problem.demonstration() == (
+        "Tom starts with 7 apples.\nHe buys 5 more: 7 + 5 = 12.\nThen he loses 3: 12 - 3 = 9.\nThe answer is 9."
+    )
+    for p in [p for rows in build_problem_splits(0, 40, 20, 20).values() for p in rows]:
+        demonstration = p.demonstration()
+        assert demonstration.endswith(f"The answer is {p.answer}.")
+        assert word_problem_reward([demonstration], [str(p.answer)]) == [1.0]
+        assert word_problem_reward([demonstration.replace(f"is {p.answer}.", f"is {p.answer + 1}.")],
+                                   [str(p.answer)]) == [0.0]  # fmt: skip
+    # conversational completions, formats, the first answer counts, no answer is wrong
+    assert word_problem_reward([[{"role": "assistant", "content": "So the answer is: 1,200."}]], ["1200"]) == [1.0]
+    assert word_problem_reward(["The answer is 12. The answer is 13."], ["13"]) == [0.0]
+    assert word_problem_reward(["12", "The Answer Is $12.0", "answer is twelve"], ["12"] * 3) == [0.0, 1.0, 0.0]
+    assert extract_answer("no number here") is None and extract_answer("the answer is -3.") == -3.0
+    assert abs(binomial_se(0.2, 300) - 0.0231) < 1e-4 and binomial_se(0.0, 10) == 0.0
+
+
+def test_rows_hold_a_two_shot_chat_prompt_and_the_demonstration():
+    splits = build_splits(0, 8, 4, 4)
+    row = splits["two_step"][0]
+    messages = row["prompt"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert messages[2]["content"].endswith("The answer is 15.") and messages[4]["content"].endswith("The answer is 17.")
+    assert messages[-1]["content"] == row["question"] and row["steps"] == 2
+    assert row["completion"][0]["role"] == "assistant"
+    assert row["completion"][0]["content"].endswith(f"The answer is {row['solution']}.")
+    assert prompt_messages(EXAMPLES[0])[:-1] == messages[:-1]  # the same instruction and examples for every problem
+    assert splits["train"]["steps"].count(1) == 4
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_results_and_resumes(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "learning_smollm2.py"), "--smoke", "--model", "tiny", "--output-dir",
+        str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--tag", "smoke", "--pause-file", "",
+    ]  # fmt: skip
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    assert "[hpt seed 0] step 2/2" in completed.stdout
+    assert "[sft_then_grpo seed 0 stage 2 (grpo)] step 1/1" in completed.stdout
+    result = json.loads((tmp_path / "out" / "learning_smollm2_smoke.json").read_text())
+    assert {"command", "commit", "versions", "commands", "settings", "model", "runs"} <= set(result)
+    runs = {r["key"]: r for r in result["runs"]}
+    assert set(runs) == {"base", "hpt|lr=2e-05|seed=0|steps=2", "sft_then_grpo|lr=2e-05+2e-05|seed=0|steps=2"}
+    for run in runs.values():
+        for name in ("one_step", "two_step", "all"):
+            m = run["metrics"][name]
+            assert m["n"] == (16 if name == "all" else 8) and 0.0 <= m["accuracy"] <= 1.0 and m["se"] >= 0.0
+        assert run["peak_rss_mb"] > 0 and run["eval_seconds"] >= 0
+    for key in ("hpt|lr=2e-05|seed=0|steps=2", "sft_then_grpo|lr=2e-05+2e-05|seed=0|steps=2"):
+        run = runs[key]
+        assert len(run["curves"]["reward"]) == 2 and len(run["curves"]["step_seconds"]) == 2
+        assert len(run["curves"]["sft_fraction"]) == 2 and run["train_seconds"] > 0
+        check = run["plumbing_check"]
+        assert check["identical"] and check["same_prompt_tokens"] and check["prompts"] == 4
+    assert [s["algorithm"] for s in runs["sft_then_grpo|lr=2e-05+2e-05|seed=0|steps=2"]["stages"]] == ["sft", "grpo"]
+    table = (tmp_path / "out" / "learning_smollm2_smoke.md").read_text()
+    assert "| HPT (gamma 0) | 0 |" in table and "| SFT→GRPO | 0 |" in table and "PARTIAL" not in table
+
+    # Resumed: every run is found in the JSON and skipped
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Resuming: 3 finished runs" in again.stdout and "Run " not in again.stdout
+    assert len(json.loads((tmp_path / "out" / "learning_smollm2_smoke.json").read_text())["commands"]) == 2
