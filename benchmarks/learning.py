@@ -47,7 +47,7 @@ from transformers import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 from hpt_trl import HPTTrainer
-from hpt_trl.provenance import git_commit, library_versions
+from hpt_trl.provenance import git_commit, library_versions, provenance_line
 from hpt_trl.quickstart import build_quickstart_setup, greedy_accuracy, quickstart_config
 from hpt_trl.toy_task import build_toy_math_dataset, toy_answer_reward
 
@@ -178,9 +178,7 @@ def markdown(result: dict) -> str:
             + ", ".join(f"`{c}`" for c in result["commands"])
         ),
         "",
-        f"Commit `{result.get('commit')}`; "
-        + ", ".join(f"{name} {version}" for name, version in (result.get("versions") or {}).items() if version)
-        + ".",
+        provenance_line(result),
         "",
     ]
     return "\n".join(lines)

@@ -322,6 +322,8 @@ def fmt(entry: dict | None, name: str) -> str:
 
 
 def markdown(result: dict, args) -> str:
+    from hpt_trl.provenance import provenance_line
+
     s = result["settings"]
     spread = result["base"]["spread"]
     complete = all(len(e["seeds"]) == len(args.seeds) for e in result["summary"].values()) and len(
@@ -397,9 +399,7 @@ def markdown(result: dict, args) -> str:
         "",
         f"Command{'s' if len(result['commands']) > 1 else ''}: " + ", ".join(f"`{c}`" for c in result["commands"]),
         "",
-        f"Commit `{result.get('commit')}`; "
-        + ", ".join(f"{k} {v}" for k, v in (result.get("versions") or {}).items() if v)
-        + ".",
+        provenance_line(result),
         "",
     ]
     return "\n".join(lines)

@@ -362,19 +362,28 @@ def parse_args(argv=None):
     return args
 
 
-def run_worker(argv: list[str], work_dir: str, kind: str, setting: str, trainer: str | None = None) -> dict:
+def run_worker(
+    argv: list[str], work_dir: str, kind: str, setting: str, trainer: str | None = None, script: str = __file__
+) -> dict:
+    """Run `script` (this one, or `speed_real.py`) as a worker subprocess and return its result; its `[setting]`
+    progress lines are echoed as they come, the rest of its output is kept for an error report."""
     tag = f"{kind}-{setting}-{trainer}-{time.time_ns()}"
     result_path = os.path.join(work_dir, f"{tag}.json")
-    command = [sys.executable, os.path.abspath(__file__), *argv, "--worker", kind, "--setting", setting,
+    command = [sys.executable, os.path.abspath(script), *argv, "--worker", kind, "--setting", setting,
                "--output-dir", os.path.join(work_dir, tag), "--result", result_path]  # fmt: skip
     if trainer:
         command += ["--trainer", trainer]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    completed = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    if completed.returncode != 0:
-        sys.stderr.write(completed.stdout[-3000:] + completed.stderr[-6000:])
-        raise SystemExit(f"worker {kind} {setting} {trainer or ''} failed with exit code {completed.returncode}")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log = []
+    for line in process.stdout:
+        if line.startswith(f"[{setting}]"):
+            print("  " + line.rstrip(), flush=True)
+        log.append(line)
+    if process.wait() != 0:
+        sys.stderr.write("".join(log)[-9000:])
+        raise SystemExit(f"worker {kind} {setting} {trainer or ''} failed with exit code {process.returncode}")
     with open(result_path) as f:
         return json.load(f)
 

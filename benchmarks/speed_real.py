@@ -56,7 +56,6 @@ import os
 import resource
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -412,25 +411,10 @@ def parse_args(argv=None):
 
 
 def run_worker(argv: list[str], work_dir: str, kind: str, setting: str, trainer: str | None = None) -> dict:
-    tag = f"{kind}-{setting}-{trainer}-{time.time_ns()}"
-    result_path = os.path.join(work_dir, f"{tag}.json")
-    command = [sys.executable, os.path.abspath(__file__), *argv, "--worker", kind, "--setting", setting,
-               "--output-dir", os.path.join(work_dir, tag), "--result", result_path]  # fmt: skip
-    if trainer:
-        command += ["--trainer", trainer]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    log = []
-    for line in process.stderr:  # echo the progress lines as they come, keep the rest for an error report
-        if line.startswith(f"[{setting}]"):
-            print("  " + line.rstrip(), flush=True)
-        log.append(line)
-    if process.wait() != 0:
-        sys.stderr.write("".join(log)[-8000:])
-        raise SystemExit(f"worker {kind} {setting} {trainer or ''} failed with exit code {process.returncode}")
-    with open(result_path) as f:
-        return json.load(f)
+    """speed.py's worker launcher, running this script."""
+    from speed import run_worker as run_speed_worker
+
+    return run_speed_worker(argv, work_dir, kind, setting, trainer, script=__file__)
 
 
 def median(values):
