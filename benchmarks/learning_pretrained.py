@@ -196,14 +196,22 @@ def evaluate(model, tokenizer, splits, samples: int, seed: int) -> dict:
     return metrics
 
 
-def train_stage(model, tokenizer, dataset, stage: dict, seed: int, args, work_dir: str):
+# Per-step curves read from the trainer's log history: name -> log key
+CURVE_KEYS = {"reward": "reward", "sft_fraction": "hpt/sft_fraction", "mean_length": "completions/mean_length",
+              "clipped_ratio": "completions/clipped_ratio"}  # fmt: skip
+
+
+def train_stage(model, tokenizer, dataset, reward_func, stage: dict, seed: int, args, work_dir: str,
+                callbacks=(), **config_options):  # fmt: skip
+    """Train `model` for one stage (`stage`: learning_rate, steps and HPTConfig options) with `HPTTrainer`, waiting
+    while `args.pause_file` exists before each step; return the trained model and its per-step `CURVE_KEYS` curves.
+    Shared by learning_pretrained.py and learning_smollm2.py."""
     from transformers import PrinterCallback, TrainerCallback
 
     from hpt_trl import HPTTrainer
     from hpt_trl.quickstart import quickstart_config
-    from hpt_trl.toy_task import toy_answer_reward
 
-    class Pause(TrainerCallback):
+    class Pause(TrainerCallback):  # first in the list, so a wait comes before the other callbacks' step start
         def on_step_begin(self, *unused, **kwargs):
             wait_while_paused(args.pause_file)
 
@@ -211,18 +219,14 @@ def train_stage(model, tokenizer, dataset, stage: dict, seed: int, args, work_di
     config = quickstart_config(
         work_dir, stage["steps"], stage["learning_rate"], seed, num_generations=args.rollouts,
         per_device_train_batch_size=args.prompts_per_step * args.rollouts,
-        max_completion_length=args.max_completion_length, **options,
+        max_completion_length=args.max_completion_length, **config_options, **options,
     )  # fmt: skip
-    trainer = HPTTrainer(model=model, reward_funcs=toy_answer_reward, args=config, train_dataset=dataset,
-                         processing_class=tokenizer, callbacks=[Pause()])  # fmt: skip
+    trainer = HPTTrainer(model=model, reward_funcs=reward_func, args=config, train_dataset=dataset,
+                         processing_class=tokenizer, callbacks=[Pause(), *callbacks])  # fmt: skip
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     history = trainer.state.log_history
-    return trainer.model, {
-        "reward": [e["reward"] for e in history if "reward" in e],
-        "sft_fraction": [e["hpt/sft_fraction"] for e in history if "hpt/sft_fraction" in e],
-        "mean_length": [e["completions/mean_length"] for e in history if "completions/mean_length" in e],
-    }
+    return trainer.model, {name: [e[key] for e in history if key in e] for name, key in CURVE_KEYS.items()}
 
 
 def run_one(job: dict) -> dict:
@@ -230,6 +234,8 @@ def run_one(job: dict) -> dict:
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
+
+    from hpt_trl.toy_task import toy_answer_reward
 
     args = argparse.Namespace(**job["args"])
     torch.set_num_threads(1)
@@ -258,7 +264,7 @@ def run_one(job: dict) -> dict:
         todo = stages
     with tempfile.TemporaryDirectory(prefix="hpt-learning-pretrained-") as work_dir:
         for index, stage in enumerate(todo):
-            model, more = train_stage(model, tokenizer, splits["train"], stage, seed, args,
+            model, more = train_stage(model, tokenizer, splits["train"], toy_answer_reward, stage, seed, args,
                                       os.path.join(work_dir, f"stage{index}"))  # fmt: skip
             for name in curves:
                 curves[name] += more[name]

@@ -75,7 +75,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(1, HERE)
 # benchmarks/learning_pretrained.py; importing it also sets OMP_NUM_THREADS=1 and the offline switches (if unset)
-from learning_pretrained import run_key, wait_while_paused
+from learning_pretrained import run_key, train_stage, wait_while_paused
 
 from hpt_trl.provenance import provenance, provenance_line
 
@@ -259,18 +259,17 @@ def evaluate(model, tokenizer, splits, args) -> tuple[dict, dict]:
     return metrics, examples
 
 
-def train_stage(model, tokenizer, dataset, stage: dict, seed: int, args, work_dir: str, label: str):
-    from transformers import PrinterCallback, TrainerCallback
+def train_stage_logged(model, tokenizer, dataset, stage: dict, seed: int, args, work_dir: str, label: str):
+    """learning_pretrained.train_stage on the word problems, with gradient checkpointing, prompts in order, and one
+    progress line and step time per step (a pause is not counted in the step time)."""
+    from transformers import TrainerCallback
 
-    from hpt_trl import HPTTrainer
-    from hpt_trl.quickstart import quickstart_config
     from hpt_trl.word_problems import word_problem_reward
 
     step_seconds = []
 
     class Progress(TrainerCallback):
         def on_step_begin(self, *unused, **kwargs):
-            wait_while_paused(args.pause_file)
             self.start = time.time()
 
         def on_step_end(self, *unused, **kwargs):
@@ -284,25 +283,10 @@ def train_stage(model, tokenizer, dataset, stage: dict, seed: int, args, work_di
                       f"{logs.get('completions/clipped_ratio', float('nan')):.2f}, peak RSS {peak_rss_mb():.0f} MB",
                       flush=True)  # fmt: skip
 
-    options = {k: v for k, v in stage.items() if k not in ("learning_rate", "steps")}
-    config = quickstart_config(
-        work_dir, stage["steps"], stage["learning_rate"], seed, num_generations=args.rollouts,
-        per_device_train_batch_size=args.prompts_per_step * args.rollouts,
-        max_completion_length=args.max_completion_length, temperature=args.temperature,
-        gradient_checkpointing=True, shuffle_dataset=False, **options,
-    )  # fmt: skip
-    trainer = HPTTrainer(model=model, reward_funcs=word_problem_reward, args=config, train_dataset=dataset,
-                         processing_class=tokenizer, callbacks=[Progress()])  # fmt: skip
-    trainer.remove_callback(PrinterCallback)
-    trainer.train()
-    history = trainer.state.log_history
-    curves = {"step_seconds": step_seconds}
-    for name, key in (("reward", "reward"), ("sft_fraction", "hpt/sft_fraction"),
-                      ("mean_length", "completions/mean_length"), ("clipped_ratio", "completions/clipped_ratio")):  # fmt: skip
-        curves[name] = [e[key] for e in history if key in e]
-    model = trainer.model
-    del trainer
-    return model, curves
+    model, curves = train_stage(model, tokenizer, dataset, word_problem_reward, stage, seed, args, work_dir,
+                                callbacks=[Progress()], temperature=args.temperature, gradient_checkpointing=True,
+                                shuffle_dataset=False)  # fmt: skip
+    return model, {"step_seconds": step_seconds, **curves}
 
 
 def run_one(job: dict) -> dict:
@@ -346,7 +330,7 @@ def run_one(job: dict) -> dict:
             for index, stage in enumerate(stages):
                 dataset = splits["train"].select(range(offset, len(splits["train"])))  # continue where the last stopped
                 stage_label = label if len(stages) == 1 else f"{label} stage {index + 1} ({stage['algorithm']})"
-                model, more = train_stage(model, tokenizer, dataset, stage, seed, args,
+                model, more = train_stage_logged(model, tokenizer, dataset, stage, seed, args,
                                           os.path.join(work_dir, f"stage{index}"), stage_label)  # fmt: skip
                 offset += stage["steps"] * args.prompts_per_step
                 for name, values in more.items():
