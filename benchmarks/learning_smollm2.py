@@ -51,7 +51,8 @@ resident set of the run's process (each run is a fresh subprocess), the plumbing
 `learning_smollm2_<tag>.md`: the table (marked PARTIAL until every run finished).
 
 **Resumable**: a finished run is stored and skipped on restart (same settings; otherwise the old file is kept aside
-under a new name and a new table starts). `--pause-file PATH`: while it exists no run starts and a running one waits
+under a new name and a new table starts). `--merge OTHER.json` adds the finished runs of a results file made with the
+same settings (a seed run in parallel under another `--tag`). `--pause-file PATH`: while it exists no run starts and a running one waits
 before its next step (its wait is not counted in the step times).
 """
 
@@ -113,6 +114,9 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default=RESULTS_DIR)
     parser.add_argument("--tag", default="cpu")
     parser.add_argument("--pause-file", default="/tmp/speed_running", help="wait while this file exists")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                        help="first add the finished runs of these results files (same settings; e.g. a second seed "
+                             "run in parallel under another --tag)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes: 2 steps, 8 problems per held-out set, hpt and sft_then_grpo")  # fmt: skip
     if parser.parse_args(argv).smoke:  # tiny defaults; options given explicitly still win
@@ -454,6 +458,7 @@ def markdown(result: dict, args) -> str:
             f"{accuracy_cell(m, 'two_step')} | {accuracy_cell(m, 'all')} | {r['train_seconds'] / 60:.1f} | "
             f"{r['eval_seconds'] / 60:.1f} | {r['peak_rss_mb'] / 1024:.1f} | {notes_of(r)} |"
         )
+    lines += seed_means(runs, args)
     lines += [
         "",
         "Commands: " + ", ".join(f"`{c}`" for c in result["commands"]),
@@ -462,6 +467,24 @@ def markdown(result: dict, args) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def seed_means(runs: dict, args) -> list[str]:
+    """With several seeds: each method's accuracy averaged over its finished seeds, and the range across them."""
+    if len(args.seeds) < 2:
+        return []
+    lines = ["", "Mean over the finished seeds (min-max across seeds):", "",
+             "| method | seeds | one-step | two-step | all |", "|---|---|---|---|---|"]  # fmt: skip
+    for method in args.methods:
+        done = [runs[k] for k in (key_of(method, seed, args) for seed in args.seeds) if k in runs]
+        if not done:
+            continue
+        cells = []
+        for name in ("one_step", "two_step", "all"):
+            values = [r["metrics"][name]["accuracy"] for r in done]
+            cells.append(f"{sum(values) / len(values):.1%} ({min(values):.1%}-{max(values):.1%})")
+        lines.append(f"| {LABELS[method]} | {', '.join(str(r['seed']) for r in done)} | {' | '.join(cells)} |")
+    return lines
 
 
 def load_previous(json_path: str, settings: dict) -> dict:
@@ -476,6 +499,18 @@ def load_previous(json_path: str, settings: dict) -> dict:
     os.replace(json_path, aside)
     print(f"{json_path} holds runs with other settings: moved to {aside}, starting a new table.", flush=True)
     return {}
+
+
+def merge_runs(result: dict, other: dict, source: str) -> list[str]:
+    """Add `other`'s finished runs that `result` lacks (the base run and any run key already there are kept as they
+    are) and its commands; return the added keys. Refuses results made with other settings."""
+    if other.get("settings") != result["settings"]:
+        raise ValueError(f"{source} was made with other settings than this table: {other.get('settings')}")
+    have = {r["key"] for r in result["runs"]}
+    added = [r for r in other["runs"] if r["key"] not in have]
+    result["runs"] += added
+    result["commands"] += [c for c in other.get("commands", []) if c not in result["commands"]]
+    return [r["key"] for r in added]
 
 
 def main(argv=None) -> int:
@@ -497,6 +532,11 @@ def main(argv=None) -> int:
         "model": model_info,
         "runs": previous.get("runs", []),
     }
+    for path in args.merge:
+        with open(path) as f:
+            print(
+                f"Merged from {path}: {', '.join(merge_runs(result, json.load(f), path)) or 'nothing new'}", flush=True
+            )
     done = {r["key"] for r in result["runs"]}
     print(f"Model {model_info['model']} from {model_info['checkpoint']}; splits: train {len(splits['train'])}, "
           f"one-step {len(splits['one_step'])}, two-step {len(splits['two_step'])}", flush=True)  # fmt: skip

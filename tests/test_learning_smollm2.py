@@ -2,6 +2,7 @@
 its splits, demonstrations, prompt and reward, and (slow) a smoke run of the whole pipeline on the tiny model that is
 resumed without re-running anything. Offline; no accuracy is asserted."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -22,6 +23,50 @@ from hpt_trl.word_problems import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_benchmark():
+    """benchmarks/learning_smollm2.py as a module (it puts benchmarks/ on sys.path for its own imports)."""
+    spec = importlib.util.spec_from_file_location("learning_smollm2", ROOT / "benchmarks" / "learning_smollm2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(key: str, method: str, seed, accuracy: float) -> dict:
+    metrics = {name: {"accuracy": accuracy} for name in ("one_step", "two_step", "all")}
+    return {"key": key, "method": method, "seed": seed, "metrics": metrics}
+
+
+def test_merge_adds_only_missing_runs_and_refuses_other_settings():
+    bench = load_benchmark()
+    settings = {"steps": 10, "data_hash": "abc"}
+    result = {"settings": settings, "commands": ["first"], "runs": [fake_run("base", "base", None, 0.3),
+                                                                     fake_run("grpo|s0", "grpo", 0, 0.2)]}  # fmt: skip
+    other = {"settings": dict(settings), "commands": ["first", "second"],
+             "runs": [fake_run("base", "base", None, 0.9), fake_run("grpo|s1", "grpo", 1, 0.4)]}  # fmt: skip
+    assert bench.merge_runs(result, other, "other.json") == ["grpo|s1"]
+    assert [r["key"] for r in result["runs"]] == ["base", "grpo|s0", "grpo|s1"]
+    assert result["runs"][0]["metrics"]["all"]["accuracy"] == 0.3  # the table's own base run is kept
+    assert result["commands"] == ["first", "second"]
+    assert bench.merge_runs(result, other, "other.json") == []  # merging again adds nothing
+    with pytest.raises(ValueError, match="other settings"):
+        bench.merge_runs(result, dict(other, settings={"steps": 20, "data_hash": "abc"}), "other.json")
+
+
+def test_seed_means_average_the_finished_seeds():
+    bench = load_benchmark()
+    args = bench.parse_args(["--seeds", "0", "1", "--methods", "grpo", "hpt"])
+    runs = {}
+    for seed, accuracy in ((0, 0.2), (1, 0.4)):
+        key = bench.key_of("grpo", seed, args)
+        runs[key] = fake_run(key, "grpo", seed, accuracy)
+    key = bench.key_of("hpt", 0, args)
+    runs[key] = fake_run(key, "hpt", 0, 0.5)
+    lines = bench.seed_means(runs, args)
+    assert "| GRPO | 0, 1 | 30.0% (20.0%-40.0%) | 30.0% (20.0%-40.0%) | 30.0% (20.0%-40.0%) |" in lines
+    assert "| HPT (gamma 0) | 0 | 50.0% (50.0%-50.0%) | 50.0% (50.0%-50.0%) | 50.0% (50.0%-50.0%) |" in lines
+    assert bench.seed_means(runs, bench.parse_args(["--seeds", "0"])) == []
 
 
 def test_answers_are_right_and_small():
@@ -120,3 +165,14 @@ def test_smoke_run_writes_results_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Resuming: 3 finished runs" in again.stdout and "Run " not in again.stdout
     assert len(json.loads((tmp_path / "out" / "learning_smollm2_smoke.json").read_text())["commands"]) == 2
+
+    # Another table (tag) made with the same settings, merged in: its runs are reused, nothing is re-run
+    merged = subprocess.run(
+        [*command[:-3], "merged", "--pause-file", "", "--merge", str(tmp_path / "out" / "learning_smollm2_smoke.json")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert "Merged from" in merged.stdout and "Run " not in merged.stdout
+    assert {
+        r["key"] for r in json.loads((tmp_path / "out" / "learning_smollm2_merged.json").read_text())["runs"]
+    } == set(runs)
