@@ -458,7 +458,7 @@ def markdown(result: dict, args) -> str:
             f"{accuracy_cell(m, 'two_step')} | {accuracy_cell(m, 'all')} | {r['train_seconds'] / 60:.1f} | "
             f"{r['eval_seconds'] / 60:.1f} | {r['peak_rss_mb'] / 1024:.1f} | {notes_of(r)} |"
         )
-    lines += seed_means(runs, args)
+    lines += seed_means(runs, args) + paired_versus_hpt(runs, args)
     lines += [
         "",
         "Commands: " + ", ".join(f"`{c}`" for c in result["commands"]),
@@ -485,6 +485,33 @@ def seed_means(runs: dict, args) -> list[str]:
             cells.append(f"{sum(values) / len(values):.1%} ({min(values):.1%}-{max(values):.1%})")
         lines.append(f"| {LABELS[method]} | {', '.join(str(r['seed']) for r in done)} | {' | '.join(cells)} |")
     return lines
+
+
+def paired_versus_hpt(runs: dict, args) -> list[str]:
+    """HPT minus each other method (and the base) on the same problems, per seed, ± the paired standard error."""
+    from hpt_trl.word_problems import paired_difference
+
+    rows = []
+    for seed in args.seeds:
+        hpt = runs.get(key_of("hpt", seed, args))
+        if hpt is None:
+            continue
+        for method in ["base"] + [m for m in args.methods if m != "hpt"]:
+            other = runs.get(key_of(method, seed, args))
+            if other is None:
+                continue
+            cells = []
+            for names in (("one_step",), ("two_step",), EVAL_SPLITS):
+                scores = ["".join(run["metrics"][n]["scores"] for n in names) for run in (hpt, other)]
+                difference, se = paired_difference(*scores)
+                cells.append(f"{difference * 100:+.1f} ± {se * 100:.1f}")
+            rows.append(f"| {LABELS[method]} | {seed} | {' | '.join(cells)} |")
+    if not rows:
+        return []
+    caption = ("HPT minus each method on the same problems, in points ± the paired standard error (a difference "
+               "beyond ~2 SE is unlikely to be noise of the problem sample; seeds are not pooled):")  # fmt: skip
+    return ["", caption, "",
+            "| HPT minus | seed | one-step | two-step | all |", "|---|---|---|---|---|", *rows]  # fmt: skip
 
 
 def load_previous(json_path: str, settings: dict) -> dict:

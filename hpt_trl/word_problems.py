@@ -223,3 +223,16 @@ def word_problem_reward(completions: list, solution: list[str], **kwargs) -> lis
 def binomial_se(p: float, n: int) -> float:
     """Standard error of an accuracy `p` measured on `n` independent problems: sqrt(p(1-p)/n)."""
     return math.sqrt(p * (1 - p) / n) if n else float("nan")
+
+
+def paired_difference(first: str, second: str) -> tuple[float, float]:
+    """Mean accuracy difference of two models scored on the same problems (`first`, `second`: one "0"/"1" per problem,
+    in the same order) and its standard error sqrt(s^2/n), s^2 the sample variance of the per-problem differences.
+    Pairing removes the problems' own difficulty from the noise, so it is smaller than two binomial errors combined."""
+    if len(first) != len(second) or not first:
+        raise ValueError(f"need two score strings of the same non-zero length, got {len(first)} and {len(second)}")
+    differences = [int(a) - int(b) for a, b in zip(first, second)]
+    n = len(differences)
+    mean = sum(differences) / n
+    variance = sum((d - mean) ** 2 for d in differences) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(variance / n)

@@ -18,6 +18,7 @@ from hpt_trl.word_problems import (
     build_problem_splits,
     build_splits,
     extract_answer,
+    paired_difference,
     prompt_messages,
     word_problem_reward,
 )
@@ -69,6 +70,24 @@ def test_seed_means_average_the_finished_seeds():
     assert bench.seed_means(runs, bench.parse_args(["--seeds", "0"])) == []
 
 
+def test_the_table_pairs_hpt_with_each_method_on_the_same_problems():
+    bench = load_benchmark()
+    args = bench.parse_args(["--methods", "hpt", "grpo", "sft"])
+
+    def run(method, seed, one_step, two_step):
+        key = bench.key_of(method, seed, args)
+        metrics = {"one_step": {"scores": one_step}, "two_step": {"scores": two_step}}
+        return key, {"key": key, "method": method, "seed": seed, "metrics": metrics}
+
+    runs = dict([run("base", None, "0000", "0000"), run("hpt", 0, "1100", "1111"), run("grpo", 0, "1100", "0000")])
+    lines = bench.paired_versus_hpt(runs, args)
+    # one-step: identical answers; two-step: +1 on every problem (no noise); all: half +1, half 0
+    assert f"| GRPO | 0 | +0.0 ± 0.0 | +100.0 ± 0.0 | +50.0 ± {100 * (2 / 7 / 8) ** 0.5:.1f} |" in lines
+    assert any(line.startswith("| base model (no post-training) | 0 | +50.0 ± ") for line in lines)
+    assert not any("SFT" in line for line in lines)  # not run: no row
+    assert bench.paired_versus_hpt({k: v for k, v in runs.items() if v["method"] != "hpt"}, args) == []
+
+
 def test_answers_are_right_and_small():
     splits = build_problem_splits(0, 400, 150, 150)
     assert {name: len(rows) for name, rows in splits.items()} == {"one_step": 150, "two_step": 150, "train": 400}
@@ -115,6 +134,16 @@ def test_demonstrations_end_with_the_parsable_answer_and_the_reward_reads_it():
     assert word_problem_reward(["12", "The Answer Is $12.0", "answer is twelve"], ["12"] * 3) == [0.0, 1.0, 0.0]
     assert extract_answer("no number here") is None and extract_answer("the answer is -3.") == -3.0
     assert abs(binomial_se(0.2, 300) - 0.0231) < 1e-4 and binomial_se(0.0, 10) == 0.0
+
+
+def test_paired_difference_and_its_error():
+    # differences +1, +1, 0, 0: mean 0.5, sample variance 1/3, SE sqrt(1/12)
+    difference, se = paired_difference("1100", "0000")
+    assert difference == 0.5 and abs(se - (1 / 12) ** 0.5) < 1e-12
+    assert paired_difference("0110", "0110") == (0.0, 0.0)  # the same answers: no difference, no noise
+    assert paired_difference("01", "10")[0] == 0.0 and paired_difference("01", "10")[1] > 0
+    with pytest.raises(ValueError, match="same non-zero length"):
+        paired_difference("01", "011")
 
 
 def test_rows_hold_a_two_shot_chat_prompt_and_the_demonstration():
