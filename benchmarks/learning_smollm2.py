@@ -52,7 +52,8 @@ resident set of the run's process (each run is a fresh subprocess), the plumbing
 
 **Resumable**: a finished run is stored and skipped on restart (same settings; otherwise the old file is kept aside
 under a new name and a new table starts). `--merge OTHER.json` adds the finished runs of a results file made with the
-same settings (a seed run in parallel under another `--tag`). `--pause-file PATH`: while it exists no run starts and a running one waits
+same settings (a seed run in parallel under another `--tag`); `--table-only` writes the table and runs nothing.
+`--pause-file PATH`: while it exists no run starts and a running one waits
 before its next step (its wait is not counted in the step times).
 """
 
@@ -114,6 +115,8 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default=RESULTS_DIR)
     parser.add_argument("--tag", default="cpu")
     parser.add_argument("--pause-file", default="/tmp/speed_running", help="wait while this file exists")
+    parser.add_argument("--table-only", action="store_true",
+                        help="write the table from the stored (and merged) runs; run nothing")  # fmt: skip
     parser.add_argument("--merge", nargs="+", default=[], metavar="JSON",
                         help="first add the finished runs of these results files (same settings; e.g. a second seed "
                              "run in parallel under another --tag)")  # fmt: skip
@@ -547,14 +550,18 @@ def main(argv=None) -> int:
     json_path, md_path = stem + ".json", stem + ".md"
     argv_list = sys.argv[1:] if argv is None else list(argv)
     command = "OMP_NUM_THREADS=1 python benchmarks/learning_smollm2.py " + " ".join(map(shlex.quote, argv_list))
-    wait_while_paused(args.pause_file)
+    if not args.table_only:
+        wait_while_paused(args.pause_file)
     model_info = prepare_model(args)
     splits = splits_of(args)
     settings = comparable_settings(args, splits)
     previous = load_previous(json_path, settings)
+    made_by = provenance([sys.executable, "benchmarks/learning_smollm2.py", *argv_list])
+    if args.table_only and previous:  # the runs' own provenance stays
+        made_by = {key: previous.get(key, value) for key, value in made_by.items()}
     result = {
-        **provenance([sys.executable, "benchmarks/learning_smollm2.py", *argv_list]),
-        "commands": previous.get("commands", []) + [command],
+        **made_by,
+        "commands": previous.get("commands", []) + ([] if args.table_only else [command]),  # those that ran runs
         "settings": settings,
         "model": model_info,
         "runs": previous.get("runs", []),
@@ -577,6 +584,9 @@ def main(argv=None) -> int:
             f.write(markdown(result, args))
 
     write()
+    if args.table_only:
+        print(markdown(result, args))
+        return 0
     jobs = [("base", None)] + [(m, seed) for seed in args.seeds for m in args.methods]
     failures = 0
     for method, seed in jobs:

@@ -205,3 +205,12 @@ def test_smoke_run_writes_results_and_resumes(tmp_path):
     assert {
         r["key"] for r in json.loads((tmp_path / "out" / "learning_smollm2_merged.json").read_text())["runs"]
     } == set(runs)
+
+    # --table-only: a second seed is asked for but not run; the table says so, the stored commands are unchanged
+    table_only = subprocess.run([*command, "--seeds", "0", "1", "--table-only"], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=600, check=False)  # fmt: skip
+    assert table_only.returncode == 0, table_only.stderr[-3000:]
+    assert "Run " not in table_only.stdout and "| HPT (gamma 0) | 1 | (not run yet)" in table_only.stdout
+    stored = json.loads((tmp_path / "out" / "learning_smollm2_smoke.json").read_text())
+    assert len(stored["commands"]) == 2 and {r["key"] for r in stored["runs"]} == set(runs)
+    assert "PARTIAL" in (tmp_path / "out" / "learning_smollm2_smoke.md").read_text()
