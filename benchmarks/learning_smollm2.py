@@ -414,7 +414,7 @@ def notes_of(record: dict) -> str:
     curves = record["curves"]
     if curves.get("reward"):
         notes.append(f"reward {curves['reward'][0]:.2f}→{curves['reward'][-1]:.2f}")
-    if curves.get("sft_fraction") and record["method"] in ("hpt", "sft_then_grpo", "luffy"):
+    if curves.get("sft_fraction") and record["method"] in ("hpt", "sft_then_grpo"):
         share = curves["sft_fraction"]
         notes.append(f"SFT share {share[0]:.2f}→{share[-1]:.2f}")
     check = record.get("plumbing_check")
