@@ -28,7 +28,9 @@ KNOWN_CORRECTNESS_REWARDS = ("math_accuracy_reward", "accuracy_reward", "reasoni
 ESTIMATORS = ("rl", "sft", "mixed", "middle", "luffy", "srft")
 
 
-def resolve_performance_reward(reward_names: Sequence[str], requested: str | None) -> tuple[int, str]:
+def resolve_performance_reward(
+    reward_names: Sequence[str], requested: str | None, required: bool = True
+) -> tuple[int | None, str]:
     """
     Pick the reward function that defines success, and say why.
 
@@ -37,13 +39,16 @@ def resolve_performance_reward(reward_names: Sequence[str], requested: str | Non
             Names of the reward functions, in order (the trainer's `reward_func_names`).
         requested (`str` or `None`):
             `HPTConfig.performance_reward`.
+        required (`bool`, *optional*, defaults to `True`):
+            Whether training reads P (`HPTConfig.uses_performance`). If not, an ambiguous choice gives index `None`
+            (P is not computed) instead of an error, so that pure RL and SFT accept any reward functions.
 
     Returns:
-        `tuple[int, str]`: the function's index and a sentence for the log.
+        `tuple[int | None, str]`: the function's index (`None`: no correctness reward) and a sentence for the log.
 
     Raises:
-        `ValueError`: if `requested` is not a name of `reward_names`, or if several functions are given, none is
-        requested and not exactly one is a known correctness reward.
+        `ValueError`: if `requested` is not a name of `reward_names`, or if `required`, several functions are given,
+        none is requested and not exactly one is a known correctness reward.
     """
     names = list(reward_names)
     if requested is not None:
@@ -61,11 +66,44 @@ def resolve_performance_reward(reward_names: Sequence[str], requested: str | Non
             f"P counts the successes of `{known[0]}`, the correctness reward among {names}; set `performance_reward` "
             "to choose another."
         )
+    if not required:
+        return None, (
+            f"P is not computed: training does not read it here, and no reward among {names} is known to score "
+            "correctness."
+        )
     raise ValueError(
         f"HPT gates each prompt on the success rate of its rollouts, so it must know which of the reward functions "
         f"{names} scores correctness. Set `performance_reward` to one of them (e.g. "
         f"HPTConfig(performance_reward={names[0]!r})); the others still shape the RL advantages."
     )
+
+
+def resolve_success_threshold(threshold: float | None, is_reward_model: bool, reward_name: str) -> float | None:
+    """
+    The `success_threshold` in force: the one set, else 1.0 (the success value of a 0/1 or -1/+1 verifier). A reward
+    model's scores are arbitrary real numbers, so no default says which of its rollouts succeeded.
+
+    Args:
+        threshold (`float` or `None`):
+            `HPTConfig.success_threshold`.
+        is_reward_model (`bool`):
+            Whether the correctness reward is a model (a `SequenceClassification` path or instance).
+        reward_name (`str`):
+            Its name, for the error.
+
+    Raises:
+        `ValueError`: for a reward model and no threshold.
+    """
+    if threshold is not None:
+        return float(threshold)
+    if is_reward_model:
+        raise ValueError(
+            f"The correctness reward {reward_name!r} is a reward model: its scores are arbitrary real numbers, so HPT "
+            "cannot tell which rollouts succeeded. Set `success_threshold` to the score from which a rollout counts "
+            "as correct (e.g. HPTConfig(success_threshold=0.0)), or add a verifier function and name it in "
+            "`performance_reward`."
+        )
+    return 1.0
 
 
 def rollout_success(rewards_per_func: torch.Tensor, performance_index: int, threshold: float) -> torch.Tensor:

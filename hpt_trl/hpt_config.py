@@ -94,11 +94,13 @@ class HPTConfig(GRPOConfig):
             `None`, the trainer picks the one known verifier among them (`math_accuracy_reward`, `accuracy_reward`,
             `reasoning_accuracy_reward`) and logs it, or stops at construction with the list of names. Other reward
             functions (format bonuses, ...) still shape the RL advantages but never P.
-        success_threshold (`float`, *optional*, defaults to `1.0`):
+        success_threshold (`float` or `None`, *optional*, defaults to `None`):
             A rollout succeeded when its correctness reward is `>= success_threshold`. P is the share of a prompt's
             scored rollouts that succeeded (a `None` reward leaves a rollout unscored); a prompt with no scored
             rollout has P = NaN and is not gated, unless `gamma >= 1`. The same rule splits SRFT's positive and
-            negative rollouts.
+            negative rollouts. `None` means `1.0` for a reward function (a 0/1 or -1/+1 verifier); a reward model as
+            the correctness reward scores arbitrary reals, so where P is read (see `uses_performance`) it needs an
+            explicit value, or the trainer stops before loading the model.
         max_demonstration_length (`int` or `None`, *optional*, defaults to `None`):
             Maximum number of demonstration tokens (the prompt is not counted). Longer demonstrations are truncated,
             with a one-time warning at construction that says how many. `None` keeps them whole.
@@ -190,8 +192,12 @@ class HPTConfig(GRPOConfig):
             "one known verifier among several."
         },
     )
-    success_threshold: float = field(
-        default=1.0, metadata={"help": "A rollout succeeded when its correctness reward is >= this value."}
+    success_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "A rollout succeeded when its correctness reward is >= this value. Default: 1.0 for a reward "
+            "function; a reward model needs an explicit value."
+        },
     )
     max_demonstration_length: int | None = field(
         default=None,
@@ -261,7 +267,7 @@ class HPTConfig(GRPOConfig):
             )
         if self.gamma_off is not None and not self.gamma_off > self.gamma:
             raise ValueError(f"`gamma_off` ({self.gamma_off}) must be greater than `gamma` ({self.gamma}).")
-        if not math.isfinite(self.success_threshold):
+        if self.success_threshold is not None and not math.isfinite(self.success_threshold):
             raise ValueError(f"`success_threshold` must be a finite number, got {self.success_threshold!r}.")
         check_loss_type(self.loss_type, self.trains_demonstrations)
         if self.algorithm == "luffy" and self.multi_objective_aggregation != "sum_then_normalize":
@@ -280,6 +286,17 @@ class HPTConfig(GRPOConfig):
         """Whether this configuration can put demonstrations in the loss."""
         never_gated = self.algorithm == "hpt" and self.gamma < 0 and self.gate == "switch" and self.gamma_off is None
         return self.algorithm != "grpo" and not never_gated
+
+    @property
+    def uses_performance(self) -> bool:
+        """Whether training reads P, so that a correctness reward (and its success threshold) must be known. Pure RL
+        (`algorithm="grpo"`, or the switch with `gamma < 0`), pure SFT (`algorithm="sft"`, or the switch with
+        `gamma >= 1`) and LUFFY (which uses the combined reward) never do; a trainer's `gate_function` always does."""
+        if self.algorithm == "srft":
+            return True
+        if self.algorithm != "hpt":
+            return False
+        return self.gate != "switch" or 0 <= self.gamma < 1
 
     @property
     def inexact_skipping_reasons(self) -> list[str]:

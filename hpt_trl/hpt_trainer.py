@@ -29,6 +29,7 @@ from .gate import (
     finite_or_none,
     plan_gate,
     resolve_performance_reward,
+    resolve_success_threshold,
     rollout_success,
 )
 from .gate_log import GATE_LOG_NAME, GateLog, GateLogCallback
@@ -43,6 +44,31 @@ DEMO_IDS = "hpt_demo_ids"  # (rows, length) demonstration token ids, right-padde
 DEMO_MASK = "hpt_demo_mask"  # (rows, length) 1 on demonstration tokens
 DEMO_SFT_WEIGHT = "hpt_demo_sft_weight"  # (rows,) beta of the row's demonstration, 0 if none
 DEMO_ADVANTAGE = "hpt_demo_advantage"  # (rows,) advantage of the row's demonstration in off-policy RL, 0 if none
+
+
+def _reward_func_name(reward_func) -> str:
+    """The name `GRPOTrainer.__init__` (TRL 1.16) gives a reward function, known before a reward model loads."""
+    if isinstance(reward_func, str):
+        return reward_func.split("/")[-1]
+    if isinstance(reward_func, torch.nn.Module):
+        return get_config_model_id(reward_func.config).split("/")[-1]
+    return get_callable_name(reward_func)
+
+
+def _resolve_correctness_reward(names, reward_funcs, args, uses_performance: bool, log: bool = False):
+    """The index of the correctness reward and its success threshold (`None, None` where P is not computed)."""
+    index, reason = resolve_performance_reward(names, args.performance_reward, required=uses_performance)
+    threshold = None
+    if index is not None:
+        is_reward_model = isinstance(reward_funcs[index], (str, torch.nn.Module))
+        if uses_performance or args.success_threshold is not None or not is_reward_model:
+            threshold = resolve_success_threshold(args.success_threshold, is_reward_model, names[index])
+        else:  # P of a reward model without a threshold means nothing, and training does not read it
+            reason = f"P is not computed: training does not read it here, and `{names[index]}` is a reward model."
+            index = None
+    if log:
+        logger.info(reason)
+    return index, threshold
 
 
 def _check_model_path(model: str) -> None:
@@ -218,14 +244,16 @@ class HPTTrainer(GRPOTrainer):
             train_dataset = validate_demonstrations(
                 train_dataset, args.demonstration_column, allow_missing=args.allow_missing_demonstrations
             )
-        funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-        if reward_funcs is not None and all(callable(f) and not hasattr(f, "config") for f in funcs):
-            resolve_performance_reward([get_callable_name(f) for f in funcs], args.performance_reward)
+        uses_performance = args.uses_performance or gate_function is not None
+        if reward_funcs is not None:
+            funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+            _resolve_correctness_reward([_reward_func_name(f) for f in funcs], funcs, args, uses_performance)
 
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, **kwargs)
 
-        self._performance_index, reason = resolve_performance_reward(self.reward_func_names, args.performance_reward)
-        logger.info(reason)
+        self._performance_index, self._success_threshold = _resolve_correctness_reward(
+            self.reward_func_names, self.reward_funcs, args, uses_performance, log=True
+        )
         self._skip_zero_loss_rows = self._resolve_skip_zero_loss_rows(args)
         self._template_kwargs = dict(self.chat_template_kwargs)
         if self.tools:
@@ -356,7 +384,11 @@ class HPTTrainer(GRPOTrainer):
 
     def _apply_gate(self, inputs: list[dict[str, Any]], output: dict[str, Any]) -> dict[str, Any]:
         device, n = self.accelerator.device, self.num_generations
-        success = rollout_success(self._gathered_rewards_per_func, self._performance_index, self.args.success_threshold)
+        rewards_per_func = self._gathered_rewards_per_func
+        if self._performance_index is None:  # training does not read P here (HPTConfig.uses_performance)
+            success = torch.full(rewards_per_func.shape[:1], torch.nan, device=rewards_per_func.device)
+        else:
+            success = rollout_success(rewards_per_func, self._performance_index, self._success_threshold)
         batch = GateInputs(
             success=success.view(-1, n).cpu(),
             rewards=self._combined_rewards().view(-1, n).cpu(),
@@ -373,7 +405,8 @@ class HPTTrainer(GRPOTrainer):
         self._record_gate(inputs, global_rows, plan)
         metrics = self._metrics["train"]
         metrics["hpt/sft_fraction"].append(plan.gated.float().mean().item())
-        metrics["hpt/performance_mean"].append(torch.nanmean(plan.performance).item())
+        if self._performance_index is not None:
+            metrics["hpt/performance_mean"].append(torch.nanmean(plan.performance).item())
         if self.args.allow_missing_demonstrations:
             metrics["hpt/missing_demonstration_fraction"].append(1.0 - batch.has_demonstration.float().mean().item())
         for estimator in ESTIMATORS:

@@ -22,7 +22,7 @@ SETTINGS = (
     ("gamma", "gate threshold: a prompt with success rate P <= gamma is trained with SFT, otherwise with RL"),
     ("sft_loss_coef", "weight of a demonstration, in full-length rollouts with advantage 1"),
     ("performance_reward", "correctness reward defining success (None: the only one, or the known verifier)"),
-    ("success_threshold", "a rollout succeeded when its correctness reward is >= this value"),
+    ("success_threshold", "a rollout succeeded when its correctness reward is >= this value (None: 1.0)"),
     ("demonstration_column", "dataset column of the demonstrations"),
     ("max_demonstration_length", "demonstration tokens kept (None: all)"),
     ("num_generations", "rollouts per prompt"),
