@@ -122,3 +122,27 @@ def test_a_reward_model_beside_a_verifier_needs_no_threshold(tmp_path, reward_mo
     trainer = _trainer(tmp_path, [reward_model_dir, math_accuracy_reward], success_threshold=None)
     assert trainer.reward_func_names[trainer._performance_index] == "math_accuracy_reward"
     assert trainer._success_threshold == 1.0
+
+
+# 3. docs/grpo_differences.md says what the code does
+
+
+def test_the_differences_page_matches_the_defaults_and_the_rules():
+    import re
+    from pathlib import Path
+
+    from trl import GRPOConfig
+
+    from hpt_trl.balance import REJECTED_LOSS_TYPES
+    from hpt_trl.gate import KNOWN_CORRECTNESS_REWARDS
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "grpo_differences.md").read_text()
+    rows = re.findall(r'^\| `(\w+)` \| `"?([\w.]+)"?` \| `"?([\w.]+)"?` \|$', text, flags=re.MULTILINE)
+    trl_config, hpt_config = GRPOConfig("unused", use_cpu=True), HPTConfig("unused", use_cpu=True)
+    assert rows and all(str(getattr(trl_config, name)) == trl and str(getattr(hpt_config, name)) == hpt
+                        for name, trl, hpt in rows)  # fmt: skip
+    changed = [name for name in ("loss_type", "scale_rewards", "beta", "temperature", "num_generations")
+               if getattr(trl_config, name) != getattr(hpt_config, name)]  # fmt: skip
+    assert sorted(name for name, _, _ in rows) == sorted(changed)
+    assert all(f'"{loss_type}"' in text for loss_type in REJECTED_LOSS_TYPES)
+    assert all(f"`{name}`" in text for name in KNOWN_CORRECTNESS_REWARDS)
