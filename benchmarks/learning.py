@@ -46,8 +46,9 @@ import torch
 from transformers import PrinterCallback
 from transformers.utils import logging as hf_logging
 
+from benchmarks.tables import provenance_line
 from hpt_trl import HPTTrainer
-from hpt_trl.provenance import git_commit, library_versions, provenance_line
+from hpt_trl.provenance import git_commit, library_versions
 from hpt_trl.quickstart import build_quickstart_setup, greedy_accuracy, quickstart_config
 from hpt_trl.toy_task import build_toy_math_dataset, toy_answer_reward
 

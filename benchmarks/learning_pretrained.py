@@ -6,15 +6,15 @@ teacher demonstrations in another style, learning rates tuned per method, in-dis
     # smoke run (what tests/test_learning_pretrained.py runs): tiny sizes, no spread check
     python benchmarks/learning_pretrained.py --smoke --output-dir /tmp/lp --cache-dir /tmp/lp-cache
 
-**Task and styles** (`hpt_trl.chain_sums`): sums `a+b+c=` of three digits 1..9. The base model's *own* style is the
-running sums, `3+4+5=` -> `7,12#12`; the *teacher's* demonstrations write every addition out,
+**Task and styles** (`benchmarks/tasks/chain_sums.py`): sums `a+b+c=` of three digits 1..9. The base model's *own*
+style is the running sums, `3+4+5=` -> `7,12#12`; the *teacher's* demonstrations write every addition out,
 `3+4+5=` -> `3+4=7;7+5=12;#12` (about twice as long, other separators), as a stronger model with a more explicit style
 would. Both are right when the number after the last `#` is; the reward (`toy_answer_reward`) reads only that number.
 
 **Base model.** The quickstart's tiny Llama (hidden 64, 2 layers, 138k parameters, character tokenizer), pretrained
 from random weights for 800 steps of 64 problems in its own style on chains of 1-4 digits (10/60/20/10%), with every
 problem whose answer is 18 or more left out: its knowledge gap. On the post-training prompts it solves those whose
-answer is below 18 always or sometimes and those whose answer is 18 or more never (see `hpt_trl.chain_sums` and
+answer is below 18 always or sometimes and those whose answer is 18 or more never (see `benchmarks.tasks.chain_sums` and
 benchmarks/README.md for the measured spread). The script prints and stores that spread at n=8, temperature 1, and
 refuses to run the comparison when it misses the issue's bounds (mean P in [0.2, 0.6], >= 15% of prompts always,
 sometimes and never solved). The base is cached under `~/.cache/hpt-trl/chain_sums/<recipe hash>/` (`--cache-dir`).
@@ -63,6 +63,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from benchmarks.stage import run_key, train_stage, wait_while_paused  # after the path and environment above
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METHODS = ("sft", "grpo", "sft_then_grpo", "luffy", "srft", "hpt_g0", "hpt_g025")
@@ -125,7 +127,7 @@ def parse_args(argv=None):
 
 
 def recipe_of(args):
-    from hpt_trl.chain_sums import BaseRecipe
+    from benchmarks.tasks.chain_sums import BaseRecipe
 
     overrides = {}
     if args.base_steps is not None:
@@ -137,29 +139,19 @@ def recipe_of(args):
 
 
 def splits_of(args):
-    from hpt_trl.chain_sums import build_splits
+    from benchmarks.tasks.chain_sums import build_splits
 
     return build_splits(0, args.num_validation, args.num_test, args.num_ood, max_train=args.max_train)
 
 
 def cache_root(args) -> str:
-    from hpt_trl.chain_sums import default_cache_dir
+    from benchmarks.tasks.chain_sums import default_cache_dir
 
     return args.cache_dir or default_cache_dir()
 
 
 def base_folder(args) -> str:
     return os.path.join(cache_root(args), recipe_of(args).key())
-
-
-def wait_while_paused(pause_file: str | None) -> None:
-    while pause_file and os.path.exists(pause_file):
-        time.sleep(5)
-
-
-def run_key(method: str, stages: list[dict], seed: int) -> str:
-    lrs = "+".join(f"{s['learning_rate']:g}" for s in stages)
-    return f"{method}|lr={lrs}|seed={seed}|steps={sum(s['steps'] for s in stages)}"
 
 
 def stages_of(method: str, lrs: list[float], steps: int) -> list[dict]:
@@ -180,7 +172,7 @@ def stages_of(method: str, lrs: list[float], steps: int) -> list[dict]:
 
 def evaluate(model, tokenizer, splits, samples: int, seed: int) -> dict:
     """Greedy accuracy on validation, test and ood; mean sampled accuracy and pass@k (temperature 1) on each."""
-    from hpt_trl.chain_sums import pass_at_k, sample_correct
+    from benchmarks.tasks.chain_sums import pass_at_k, sample_correct
 
     metrics = {}
     for offset, name in enumerate(("validation", "test", "ood")):
@@ -194,39 +186,6 @@ def evaluate(model, tokenizer, splits, samples: int, seed: int) -> dict:
             if k <= samples:
                 metrics[f"{name}_pass@{k}"] = statistics.fmean(pass_at_k(samples, c, k) for c in counts)
     return metrics
-
-
-# Per-step curves read from the trainer's log history: name -> log key
-CURVE_KEYS = {"reward": "reward", "sft_fraction": "hpt/sft_fraction", "mean_length": "completions/mean_length",
-              "clipped_ratio": "completions/clipped_ratio"}  # fmt: skip
-
-
-def train_stage(model, tokenizer, dataset, reward_func, stage: dict, seed: int, args, work_dir: str,
-                callbacks=(), **config_options):  # fmt: skip
-    """Train `model` for one stage (`stage`: learning_rate, steps and HPTConfig options) with `HPTTrainer`, waiting
-    while `args.pause_file` exists before each step; return the trained model and its per-step `CURVE_KEYS` curves.
-    Shared by learning_pretrained.py and learning_smollm2.py."""
-    from transformers import PrinterCallback, TrainerCallback
-
-    from hpt_trl import HPTTrainer
-    from hpt_trl.quickstart import quickstart_config
-
-    class Pause(TrainerCallback):  # first in the list, so a wait comes before the other callbacks' step start
-        def on_step_begin(self, *unused, **kwargs):
-            wait_while_paused(args.pause_file)
-
-    options = {k: v for k, v in stage.items() if k not in ("learning_rate", "steps")}
-    config = quickstart_config(
-        work_dir, stage["steps"], stage["learning_rate"], seed, num_generations=args.rollouts,
-        per_device_train_batch_size=args.prompts_per_step * args.rollouts,
-        max_completion_length=args.max_completion_length, **config_options, **options,
-    )  # fmt: skip
-    trainer = HPTTrainer(model=model, reward_funcs=reward_func, args=config, train_dataset=dataset,
-                         processing_class=tokenizer, callbacks=[Pause(), *callbacks])  # fmt: skip
-    trainer.remove_callback(PrinterCallback)
-    trainer.train()
-    history = trainer.state.log_history
-    return trainer.model, {name: [e[key] for e in history if key in e] for name, key in CURVE_KEYS.items()}
 
 
 def run_one(job: dict) -> dict:
@@ -328,7 +287,7 @@ def fmt(entry: dict | None, name: str) -> str:
 
 
 def markdown(result: dict, args) -> str:
-    from hpt_trl.provenance import provenance_line
+    from benchmarks.tables import provenance_line
 
     s = result["settings"]
     spread = result["base"]["spread"]
@@ -463,7 +422,7 @@ def main(argv=None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from hpt_trl.chain_sums import format_spread, load_or_pretrain_base
+    from benchmarks.tasks.chain_sums import format_spread, load_or_pretrain_base
     from hpt_trl.provenance import provenance
 
     torch.set_num_threads(1)
@@ -486,7 +445,7 @@ def main(argv=None) -> int:
     if report["problems"]:
         print("Base model OUT OF BOUNDS: " + "; ".join(report["problems"]))
         if not args.skip_spread_check:
-            print("Refusing to run the comparison (tune hpt_trl.chain_sums.BaseRecipe).", flush=True)
+            print("Refusing to run the comparison (tune benchmarks.tasks.chain_sums.BaseRecipe).", flush=True)
             return 2
     else:
         print("Base model within the bounds (mean P in [0.2, 0.6], >= 15% always, sometimes and never solved).")

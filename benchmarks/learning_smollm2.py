@@ -9,7 +9,7 @@ base vs SFT, GRPO, SFT→GRPO, LUFFY and HPT, at one learning rate fixed in adva
 
 Everything below was fixed before any method was trained.
 
-**Task** (`hpt_trl.word_problems`): generated word problems with numbers 1..20, one-step (`+`, `-`, or `*` with
+**Task** (`benchmarks.tasks.word_problems`): generated word problems with numbers 1..20, one-step (`+`, `-`, or `*` with
 factors 2..9) and two-step (two `+`/`-` operations), every answer a non-negative integer: "Tom has 7 apples. He
 buys 5 more. How many apples does Tom have now?". Splits (seed 0): 150 one-step and 150 two-step held-out problems
 (`--eval-size` each), 400 training prompts (half each, in random order); the splits share no operations-and-numbers
@@ -65,25 +65,27 @@ import hashlib
 import json
 import multiprocessing
 import os
-import resource
 import shlex
 import sys
 import tempfile
 import time
 import traceback
 
-# Import this checkout's hpt_trl and benchmarks/ helpers, whichever copy is pip-installed
+# Import this checkout's hpt_trl and benchmarks, whichever copy is pip-installed
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(1, HERE)
-# benchmarks/learning_pretrained.py; importing it also sets OMP_NUM_THREADS=1 and the offline switches (if unset)
-from learning_pretrained import run_key, train_stage, wait_while_paused
-
-from hpt_trl.provenance import provenance, provenance_line
-
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF conversion's progress bar
+
+# after the path and environment above
+from benchmarks.stage import peak_rss_mb, run_key, train_stage, wait_while_paused
+from benchmarks.tables import provenance_line
+from hpt_trl.provenance import provenance
 
 RESULTS_DIR = os.path.join(HERE, "results")
 METHODS = ("hpt", "grpo", "sft", "luffy", "sft_then_grpo")
@@ -163,7 +165,8 @@ def prepare_model(args) -> dict:
         start = time.time()
         if args.model == "smollm2":
             import torch
-            from smollm2 import gguf_path, load_smollm2  # benchmarks/smollm2.py
+
+            from benchmarks.smollm2 import gguf_path, load_smollm2
 
             source = gguf_path(args.model_path)
             model, tokenizer = load_smollm2(source, dtype=torch.float32)
@@ -186,7 +189,7 @@ def prepare_model(args) -> dict:
 
 
 def splits_of(args):
-    from hpt_trl.word_problems import build_splits
+    from benchmarks.tasks.word_problems import build_splits
 
     return build_splits(0, args.train_size, args.eval_size, args.eval_size)
 
@@ -202,10 +205,6 @@ def stages_of(method: str, args) -> list[dict]:
 
 def key_of(method: str, seed: int | None, args) -> str:
     return "base" if method == "base" else run_key(method, stages_of(method, args), seed)
-
-
-def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -244,7 +243,7 @@ def same_greedy(first, second, prompts, args) -> dict:
 
 def evaluate(model, tokenizer, splits, args) -> tuple[dict, dict]:
     """Greedy accuracy ± binomial SE on each held-out set and on both; a few completions of each."""
-    from hpt_trl.word_problems import binomial_se, extract_answer, word_problem_reward
+    from benchmarks.tasks.word_problems import binomial_se, extract_answer, word_problem_reward
 
     metrics, examples, totals = {}, {}, [0, 0]
     for name in EVAL_SPLITS:
@@ -266,34 +265,13 @@ def evaluate(model, tokenizer, splits, args) -> tuple[dict, dict]:
     return metrics, examples
 
 
-def train_stage_logged(model, tokenizer, dataset, stage: dict, seed: int, args, work_dir: str, label: str):
-    """learning_pretrained.train_stage on the word problems, with gradient checkpointing, prompts in order, and one
-    progress line and step time per step (a pause is not counted in the step time)."""
-    from transformers import TrainerCallback
+def train_word_problems_stage(model, tokenizer, dataset, stage: dict, seed: int, args, work_dir: str, label: str):
+    """`benchmarks.stage.train_stage` on the word problems, with gradient checkpointing, prompts in order, and one
+    progress line and step time per step."""
+    from benchmarks.tasks.word_problems import word_problem_reward
 
-    from hpt_trl.word_problems import word_problem_reward
-
-    step_seconds = []
-
-    class Progress(TrainerCallback):
-        def on_step_begin(self, *unused, **kwargs):
-            self.start = time.time()
-
-        def on_step_end(self, *unused, **kwargs):
-            step_seconds.append(round(time.time() - self.start, 2))
-
-        def on_log(self, unused_args, state, control, logs=None, **kwargs):
-            if logs and "reward" in logs:
-                print(f"[{label}] step {state.global_step}/{state.max_steps} {step_seconds[-1]:.0f} s, reward "
-                      f"{logs['reward']:.3f}, SFT share {logs.get('hpt/sft_fraction', float('nan')):.2f}, length "
-                      f"{logs.get('completions/mean_length', float('nan')):.1f}, clipped "
-                      f"{logs.get('completions/clipped_ratio', float('nan')):.2f}, peak RSS {peak_rss_mb():.0f} MB",
-                      flush=True)  # fmt: skip
-
-    model, curves = train_stage(model, tokenizer, dataset, word_problem_reward, stage, seed, args, work_dir,
-                                callbacks=[Progress()], temperature=args.temperature, gradient_checkpointing=True,
-                                shuffle_dataset=False)  # fmt: skip
-    return model, {"step_seconds": step_seconds, **curves}
+    return train_stage(model, tokenizer, dataset, word_problem_reward, stage, seed, args, work_dir, label=label,
+                       temperature=args.temperature, gradient_checkpointing=True, shuffle_dataset=False)  # fmt: skip
 
 
 def run_one(job: dict) -> dict:
@@ -321,7 +299,7 @@ def run_one(job: dict) -> dict:
     record = {"key": job["key"], "method": method, "seed": seed, "stages": [], "curves": {}, "train_seconds": 0.0}
     if method == "base":
         if args.model == "smollm2":  # the GGUF load against the cached checkpoint
-            from smollm2 import load_smollm2  # benchmarks/smollm2.py
+            from benchmarks.smollm2 import load_smollm2
 
             gguf = load_smollm2(args.model_path, dtype=torch.float32)
             record["plumbing_check"] = dict(same_greedy(gguf, (model, tokenizer), check_prompts(splits), args),
@@ -337,7 +315,7 @@ def run_one(job: dict) -> dict:
             for index, stage in enumerate(stages):
                 dataset = splits["train"].select(range(offset, len(splits["train"])))  # continue where the last stopped
                 stage_label = label if len(stages) == 1 else f"{label} stage {index + 1} ({stage['algorithm']})"
-                model, more = train_stage_logged(model, tokenizer, dataset, stage, seed, args,
+                model, more = train_word_problems_stage(model, tokenizer, dataset, stage, seed, args,
                                           os.path.join(work_dir, f"stage{index}"), stage_label)  # fmt: skip
                 offset += stage["steps"] * args.prompts_per_step
                 for name, values in more.items():
@@ -492,7 +470,7 @@ def seed_means(runs: dict, args) -> list[str]:
 
 def paired_versus_hpt(runs: dict, args) -> list[str]:
     """HPT minus each other method (and the base) on the same problems, per seed, ± the paired standard error."""
-    from hpt_trl.word_problems import paired_difference
+    from benchmarks.tasks.word_problems import paired_difference
 
     rows = []
     for seed in args.seeds:

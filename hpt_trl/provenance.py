@@ -45,9 +45,3 @@ def provenance(command: list[str] | None = None) -> dict:
         "versions": library_versions(),
     }
 
-
-def provenance_line(result: dict) -> str:
-    """One markdown line for a results table: "Commit `abc1234`; python 3.11, torch 2.x, ..." from `provenance()`'s
-    fields in `result`."""
-    versions = ", ".join(f"{name} {version}" for name, version in (result.get("versions") or {}).items() if version)
-    return f"Commit `{result.get('commit')}`; {versions}."

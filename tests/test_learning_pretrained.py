@@ -1,6 +1,6 @@
-"""The learning benchmark in the paper's regime (`benchmarks/learning_pretrained.py`, `hpt_trl.chain_sums`): the task
-family and its two styles, the splits, the spread check and pass@k, and a smoke run of the whole pipeline (tiny base,
-2 steps, 1 seed, 2 methods) that is resumed without re-running anything. Offline; no accuracy is asserted."""
+"""The learning benchmark in the paper's regime (`benchmarks/learning_pretrained.py`, `benchmarks/tasks/chain_sums.py`):
+the task family and its two styles, the splits, the spread check and pass@k, and a smoke run of the whole pipeline
+(tiny base, 2 steps, 1 seed, 2 methods) that is resumed without re-running anything. Offline; no accuracy is asserted."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hpt_trl.chain_sums import (
+from benchmarks.tasks.chain_sums import (
     BaseRecipe,
     build_splits,
     held_out_prompts,

@@ -1,8 +1,8 @@
-"""The SmolLM2 learning benchmark (`benchmarks/learning_smollm2.py`, `hpt_trl.word_problems`): the problem generator,
-its splits, demonstrations, prompt and reward, and (slow) a smoke run of the whole pipeline on the tiny model that is
-resumed without re-running anything. Offline; no accuracy is asserted."""
+"""The SmolLM2 learning benchmark (`benchmarks/learning_smollm2.py`, `benchmarks/tasks/word_problems.py`): the problem
+generator, its splits, demonstrations, prompt and reward, and (slow) a smoke run of the whole pipeline on the tiny model
+that is resumed without re-running anything. Offline; no accuracy is asserted."""
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hpt_trl.word_problems import (
+from benchmarks.tasks.word_problems import (
     EXAMPLES,
     Problem,
     binomial_se,
@@ -27,11 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_benchmark():
-    """benchmarks/learning_smollm2.py as a module (it puts benchmarks/ on sys.path for its own imports)."""
-    spec = importlib.util.spec_from_file_location("learning_smollm2", ROOT / "benchmarks" / "learning_smollm2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """benchmarks/learning_smollm2.py as a module."""
+    return importlib.import_module("benchmarks.learning_smollm2")
 
 
 def fake_run(key: str, method: str, seed, accuracy: float) -> dict:

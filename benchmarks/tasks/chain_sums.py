@@ -44,7 +44,7 @@ from itertools import product
 
 from datasets import Dataset, DatasetDict
 
-from .toy_task import toy_answer_reward
+from hpt_trl.toy_task import toy_answer_reward
 
 TASK_VERSION = 1
 
@@ -161,7 +161,7 @@ def pretrain_base(recipe: BaseRecipe, forbidden: set[str], log_every: int = 0):
     """Pretrain the base model from random weights in its own style; returns `(model, tokenizer)`."""
     import torch
 
-    from .tiny import build_tiny_model, build_tiny_tokenizer
+    from hpt_trl.tiny import build_tiny_model, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(
@@ -223,7 +223,7 @@ def sample_correct(model, tokenizer, prompts, solutions, n: int, temperature: fl
     """For each prompt, the 0/1 scores of `n` completions (greedy when `n == 0`, returning one score per prompt)."""
     import torch
 
-    from .generation import generate_batched
+    from hpt_trl.generation import generate_batched
 
     model.eval()
     if n == 0:
@@ -287,7 +287,7 @@ def base_report(model, tokenizer, splits: DatasetDict, n: int = 8, seed: int = 1
     report = spread(sample_correct(model, tokenizer, train["prompt"], train["solution"], n=n, seed=seed))
     report["greedy"] = {name: greedy_accuracy(model, tokenizer, splits[name]) for name in splits}
     # style of the base's own greedy completions on a few train prompts
-    from .generation import generate_batched
+    from hpt_trl.generation import generate_batched
 
     examples = generate_batched(model, tokenizer, train["prompt"][:4], 4, max_new_tokens=32, do_sample=False)
     report["greedy_examples"] = {p: texts[0] for p, texts in zip(train["prompt"][:4], examples)}
