@@ -25,6 +25,15 @@ def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.Comple
     return completed
 
 
+def test_the_library_imports_nothing_from_the_benchmarks():
+    offenders = [
+        path.name
+        for path in (ROOT / "hpt_trl").glob("*.py")
+        if re.search(r"^\s*(from|import)\s+benchmarks\b", path.read_text(), flags=re.MULTILINE)
+    ]
+    assert offenders == []
+
+
 @pytest.mark.slow
 def test_speed_benchmark_prints_ratios(tmp_path):
     raw = tmp_path / "speed.json"
