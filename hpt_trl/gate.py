@@ -78,7 +78,7 @@ def resolve_performance_reward(
     )
 
 
-def resolve_success_threshold(threshold: float | None, is_reward_model: bool, reward_name: str) -> float | None:
+def resolve_success_threshold(threshold: float | None, is_reward_model: bool, reward_name: str) -> float:
     """
     The `success_threshold` in force: the one set, else 1.0 (the success value of a 0/1 or -1/+1 verifier). A reward
     model's scores are arbitrary real numbers, so no default says which of its rollouts succeeded.

@@ -92,7 +92,8 @@ class HPTConfig(GRPOConfig):
             Name of the correctness reward, the reward function that defines success (see `reward_func_names` on the
             trainer, e.g. `"math_accuracy_reward"`). With one reward function, it is that one. With several and
             `None`, the trainer picks the one known verifier among them (`math_accuracy_reward`, `accuracy_reward`,
-            `reasoning_accuracy_reward`) and logs it, or stops at construction with the list of names. Other reward
+            `reasoning_accuracy_reward`) and logs it; without exactly one, it stops at construction with the list of
+            names where training reads P (see `uses_performance`), and does not compute P elsewhere. Other reward
             functions (format bonuses, ...) still shape the RL advantages but never P.
         success_threshold (`float` or `None`, *optional*, defaults to `None`):
             A rollout succeeded when its correctness reward is `>= success_threshold`. P is the share of a prompt's
