@@ -123,6 +123,12 @@ def check_reward_inputs(columns, first_prompt, reward_funcs, split: str = "train
         if columns is not None:
             passed = [c for c in columns if c not in COLUMNS_NOT_PASSED]
             for column in reward_columns(func):
+                if column in COLUMNS_NOT_PASSED:
+                    raise ValueError(
+                        f"Reward function {name!r} has a required argument {column!r}, which TRL never passes to "
+                        f"reward functions (it passes every column except {list(COLUMNS_NOT_PASSED)}): rename the "
+                        "argument, or give it a default."
+                    )
                 if column not in passed:
                     raise ValueError(
                         f"Reward function {name!r} reads the column {column!r}, which the {split} dataset does not "

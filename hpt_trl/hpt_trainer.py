@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object
-from datasets import IterableDataset
+from datasets import Dataset, IterableDataset
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 from trl.trainer.utils import RepeatSampler, get_callable_name, get_config_model_id
@@ -217,6 +217,8 @@ class HPTTrainer(GRPOTrainer):
         if isinstance(model, str):
             _check_model_path(model)
         train_dataset = check_training_data(train_dataset, reward_funcs)  # prompts, and the columns rewards read
+        if isinstance(kwargs.get("eval_dataset"), (Dataset, IterableDataset)):
+            kwargs["eval_dataset"] = check_training_data(kwargs["eval_dataset"], reward_funcs, split="eval")
         trains_demonstrations = args.trains_demonstrations or gate_function is not None
         if trains_demonstrations:  # a streaming dataset gets its rows checked as they arrive
             train_dataset = validate_demonstrations(

@@ -125,6 +125,14 @@ def test_bad_data_fails_before_the_model_loads(tmp_path, rows, reward, message):
         )  # fmt: skip
 
 
+def test_bad_eval_prompt_fails_before_the_model_loads(tmp_path):
+    with pytest.raises(ValueError, match=r"Row 1 of the eval dataset has an invalid prompt in column 'prompt': it is"):
+        HPTTrainer(
+            model=NEVER_LOADED, reward_funcs=_rewards("toy"), args=tiny_args(tmp_path),
+            train_dataset=Dataset.from_list(_rows()), eval_dataset=Dataset.from_list(_with(_rows(), 1, "prompt", None)),
+        )  # fmt: skip
+
+
 def test_good_data_passes_the_checks(tmp_path):
     """The checks let through what TRL accepts: conversational data for TRL's rewards, text content blocks, a reward
     whose column has a default, and an image part whose image comes from an `images` column."""
