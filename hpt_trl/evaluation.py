@@ -313,6 +313,8 @@ def evaluate(
         `ValueError`: naming the argument, for an unknown benchmark, two benchmarks with the same name, a `num_samples`,
         `max_new_tokens`, `batch_size` or `limit` below 1, a negative `temperature`, or a `top_p` outside (0, 1]; all
         before the model loads.
+        `EvalInputError` (a `ValueError`): naming the benchmark or file that cannot be loaded (an empty data file, ...)
+        or the model folder without a tokenizer, before the model loads; `hpt-trl eval` prints it and exits 1.
     """
     check_arguments(benchmarks, num_samples, temperature, top_p, max_new_tokens, limit, batch_size, verifier_timeout)
     if model is None and generator is None:
