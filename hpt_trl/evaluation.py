@@ -197,6 +197,29 @@ def check_arguments(
         raise ValueError(f"`verifier_timeout` must be > 0 seconds, got {verifier_timeout!r}.")
 
 
+class EvalInputError(ValueError):
+    """A benchmark or model that cannot be loaded; `hpt-trl eval` prints its message without a traceback."""
+
+
+# A saved tokenizer has one of these (`PreTrainedTokenizerBase.save_pretrained`)
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+def load_tokenizer(model: str | os.PathLike):
+    """The tokenizer of `model` (a folder or a Hub id), or an [`EvalInputError`] naming the folder that has none."""
+    from transformers import AutoTokenizer
+
+    if os.path.isdir(model) and not any(os.path.isfile(os.path.join(model, f)) for f in TOKENIZER_FILES):
+        raise EvalInputError(
+            f"{str(model)!r} has no tokenizer (no {' or '.join(TOKENIZER_FILES)}): save it next to the model with "
+            "`tokenizer.save_pretrained(...)` (`hpt-trl train` saves it in output_dir and in every checkpoint)."
+        )
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        raise EvalInputError(f"Cannot load the tokenizer of {str(model)!r}: {error}") from error
+
+
 def load_benchmark(name: str, template: str = "simple", limit: int | None = None):
     """Load a benchmark in conversational HPT form: a name of `BENCHMARKS`, or a local data file (any schema that
     `hpt_trl.data.detect_schema` knows, e.g. `prompt`/`solution` rows, whose prompts are kept as they are)."""
@@ -290,6 +313,8 @@ def evaluate(
         `ValueError`: naming the argument, for an unknown benchmark, two benchmarks with the same name, a `num_samples`,
         `max_new_tokens`, `batch_size` or `limit` below 1, a negative `temperature`, or a `top_p` outside (0, 1]; all
         before the model loads.
+        `EvalInputError` (a `ValueError`): naming the benchmark or file that cannot be loaded (an empty data file, ...)
+        or the model folder without a tokenizer, before the model loads; `hpt-trl eval` prints it and exits 1.
     """
     check_arguments(benchmarks, num_samples, temperature, top_p, max_new_tokens, limit, batch_size, verifier_timeout)
     if model is None and generator is None:
@@ -301,14 +326,12 @@ def evaluate(
         try:
             datasets[benchmark_label(name)] = load_benchmark(name, template, limit)
         except (ValueError, KeyError, OSError) as error:
-            raise ValueError(f"Cannot load benchmark {name!r}: {error}") from error
+            raise EvalInputError(f"Cannot load benchmark {name!r}: {error}") from error
     if output_dir is not None:
         os.makedirs(output_dir, exist_ok=True)
 
     if tokenizer is None and model is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer = load_tokenizer(model)
     chat = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
     if generator is None:
         use_vllm = backend == "vllm" or (backend == "auto" and importlib.util.find_spec("vllm") and _has_cuda())
@@ -485,7 +508,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_arguments(benchmarks)
     except ValueError as error:
         parser.error(f"argument --benchmarks/--data-file: {error}")
-    results = evaluate(
+    try:
+        results = _evaluate_from_args(args, benchmarks)
+    except EvalInputError as error:
+        print(f"hpt-trl eval: error: {error}", file=sys.stderr)
+        return 1
+    print(format_table(results), flush=True)
+    print(f"Wrote {os.path.join(args.output_dir, 'results.json')} and samples.jsonl", file=sys.stderr)
+    return 0
+
+
+def _evaluate_from_args(args: argparse.Namespace, benchmarks: list[str]) -> dict:
+    return evaluate(
         model=args.model,
         benchmarks=benchmarks,
         num_samples=args.num_samples,
@@ -500,9 +534,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         verifier_timeout=args.verifier_timeout,
     )
-    print(format_table(results), flush=True)
-    print(f"Wrote {os.path.join(args.output_dir, 'results.json')} and samples.jsonl", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

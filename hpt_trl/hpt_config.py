@@ -1,3 +1,4 @@
+import copy
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -5,6 +6,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from .balance import check_loss_type
+from .redaction import redacted_arguments, without_secret_kwargs
 
 
 def check_gamma(gamma: float) -> None:
@@ -241,6 +243,8 @@ class HPTConfig(GRPOConfig):
         _check_finite("gate_linear_upper", self.gate_linear_upper)
         _check_finite("demonstration_reward", self.demonstration_reward)
         _check_finite("luffy_shaping_gamma", self.luffy_shaping_gamma, minimum=0.0, strictly=True)
+        # TRL divides the logits by it and samples with it: 0 or less fails inside `generate`
+        _check_finite("temperature", self.temperature, minimum=0.0, strictly=True)
         if self.gamma_off is not None:
             _check_finite("gamma_off", self.gamma_off)
             if self.gamma < 0:
@@ -281,6 +285,31 @@ class HPTConfig(GRPOConfig):
             raise ValueError(
                 f"`max_demonstration_length` must be positive or None, got {self.max_demonstration_length}."
             )
+
+    # Tokens (`hub_token`) stay usable in the running process but are never written: transformers' Trainer pickles the
+    # arguments into `training_args.bin` (`Trainer._save`, `_push_from_checkpoint`, 5.25), in output_dir, every
+    # checkpoint and the Hub. A copy keeps them; a pickle drops them; `repr` shows transformers' redacted form.
+    def __getstate__(self):
+        return redacted_arguments(self.__dict__)
+
+    def __copy__(self):
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo):
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
+
+    def to_dict(self):  # transformers already writes `<HUB_TOKEN>` for the `_token` fields
+        return without_secret_kwargs(super().to_dict())
+
+    def __repr__(self):  # the dataclass `repr` would print every field, tokens included
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in sorted(self.to_dict().items()))})"
+
+    __str__ = __repr__
 
     @property
     def trains_demonstrations(self) -> bool:

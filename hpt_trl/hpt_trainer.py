@@ -9,13 +9,15 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object
-from datasets import IterableDataset
+from datasets import Dataset, IterableDataset
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 from trl.trainer.utils import RepeatSampler, get_callable_name, get_config_model_id
 
 from .balance import demonstration_sft_loss, rollout_normalizer
+from .dataset_checks import check_training_data
 from .demonstrations import (
+    check_demonstration_tokens,
     demonstration_token_ids,
     end_of_turn_token_id,
     is_missing_demonstration,
@@ -86,7 +88,7 @@ def _check_model_path(model: str) -> None:
 DEMONSTRATION_IDS_COLUMN = "hpt_demonstration_ids"
 
 
-def _tokenize_demonstration(example, column, processing_class, eos_token_ids, end_of_turn_id, template_kwargs):
+def _tokenize_demonstration(example, row, column, processing_class, eos_token_ids, end_of_turn_id, template_kwargs):
     demonstration = example.get(column)
     if is_missing_demonstration(demonstration):
         return {DEMONSTRATION_IDS_COLUMN: []}
@@ -98,6 +100,7 @@ def _tokenize_demonstration(example, column, processing_class, eos_token_ids, en
         end_of_turn_id=end_of_turn_id,
         **template_kwargs,
     )
+    check_demonstration_tokens(ids, demonstration, row, column)
     return {DEMONSTRATION_IDS_COLUMN: ids}
 
 
@@ -239,6 +242,9 @@ class HPTTrainer(GRPOTrainer):
             raise ValueError("The train dataset is empty: HPT needs prompts to sample rollouts for.")
         if isinstance(model, str):
             _check_model_path(model)
+        train_dataset = check_training_data(train_dataset, reward_funcs)  # prompts, and the columns rewards read
+        if isinstance(kwargs.get("eval_dataset"), (Dataset, IterableDataset)):
+            kwargs["eval_dataset"] = check_training_data(kwargs["eval_dataset"], reward_funcs, split="eval")
         trains_demonstrations = args.trains_demonstrations or gate_function is not None
         if trains_demonstrations:  # a streaming dataset gets its rows checked as they arrive
             train_dataset = validate_demonstrations(
@@ -322,8 +328,10 @@ class HPTTrainer(GRPOTrainer):
             "template_kwargs": self._template_kwargs,
         }
         if isinstance(dataset, IterableDataset):
-            return dataset.map(_tokenize_demonstration, fn_kwargs=kwargs)
-        dataset = dataset.map(_tokenize_demonstration, fn_kwargs=kwargs, desc="Tokenizing demonstrations")
+            return dataset.map(_tokenize_demonstration, fn_kwargs=kwargs, with_indices=True)
+        dataset = dataset.map(
+            _tokenize_demonstration, fn_kwargs=kwargs, with_indices=True, desc="Tokenizing demonstrations"
+        )
         limit = self.args.max_demonstration_length
         if limit is not None:
             too_long = sum(len(ids) > limit for ids in dataset[DEMONSTRATION_IDS_COLUMN])

@@ -160,8 +160,19 @@ def find_trainer_state(path: str | os.PathLike) -> Path:
 
 def load_log_history(path: str | os.PathLike) -> list[dict]:
     """The `log_history` of the `trainer_state.json` found by [`find_trainer_state`]."""
-    with open(find_trainer_state(path)) as f:
-        return json.load(f).get("log_history", [])
+    return _read_log_history(find_trainer_state(path))
+
+
+def _read_log_history(state_file: Path) -> list[dict]:
+    """The `log_history` of `state_file`; a `ValueError` naming the file when it is not valid JSON."""
+    try:
+        with open(state_file) as f:
+            return json.load(f).get("log_history", [])
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{state_file} is not valid JSON ({error}): it was probably torn by a kill while it was written. Plot "
+            "an earlier checkpoint's trainer_state.json instead (pass its checkpoint-*/ folder)."
+        ) from error
 
 
 def plot_run(
@@ -191,8 +202,7 @@ def plot_run(
         `ValueError`: none of `metrics` was logged.
     """
     state_file = find_trainer_state(path)
-    with open(state_file) as f:
-        log_history = json.load(f).get("log_history", [])
+    log_history = _read_log_history(state_file)
     if out_dir is None:
         root = Path(path) if Path(path).is_dir() else state_file.parent
         out_dir = root / "plots"

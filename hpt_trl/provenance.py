@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from .redaction import redact_command
+
 LIBRARIES = ("hpt-trl", "torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "datasets")
 
 
@@ -40,7 +42,7 @@ def git_commit(path: str | None = None) -> str | None:
 def provenance(command: list[str] | None = None) -> dict:
     """`{"command", "commit", "versions"}` for a results file."""
     return {
-        "command": " ".join(command if command is not None else sys.argv),
+        "command": " ".join(redact_command(command if command is not None else sys.argv)),
         "commit": git_commit(),
         "versions": library_versions(),
     }
