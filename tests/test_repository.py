@@ -18,7 +18,8 @@ def test_gitignore_covers_every_output_folder_the_examples_write():
     # output folders: `model, output_dir = ..., "NAME"` in the examples, the quickstart's --output-dir default
     names = {name for path in examples for name in re.findall(r'output_dir = .*?, "([\w.-]+)"', path.read_text())}
     names |= set(re.findall(r'"--output-dir", default="([\w.-]+)"', (ROOT / "hpt_trl" / "quickstart.py").read_text()))
-    assert {"tiny-hpt", "tiny-hpt-lora", "tiny-sft-grpo", "hpt-quickstart"} <= names, names
+    names |= set(re.findall(r'output_dir="([\w.-]+)"', (ROOT / "README.md").read_text()))  # the usage example
+    assert {"tiny-hpt", "tiny-hpt-lora", "tiny-sft-grpo", "hpt-quickstart", "hpt-smollm2"} <= names, names
     patterns = ignored_folders()
     for name in sorted(names):
         assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), f".gitignore does not cover {name}/"
