@@ -15,7 +15,9 @@
 
 A step where no rollout is in the loss (every prompt on SFT) has no entropy: it is logged as missing, not 0, and
 left out of the plot. A metric no step logged gets no PNG, and `hpt-trl plot` says so (see [`plot_notes`]); a series
-that is the same at every step is drawn with a note saying so on its panel. `hpt-trl train` writes `OUTPUT_DIR/trainer_state.json` at the end of training, whatever its `save_strategy`. The
+that is the same at every step is drawn with a note saying so on its panel.
+
+`hpt-trl train` writes `OUTPUT_DIR/trainer_state.json` at the end of training, whatever its `save_strategy`. The
 Trainer itself writes it with each checkpoint (or on `trainer.save_state()`): a script of your own that trains with
 `save_strategy="no"` should call `trainer.save_state()`, or plot `trainer.state.log_history` with
 [`plot_training_dynamics`].

@@ -47,8 +47,13 @@ def test_the_readme_speaks_to_users():
     assert project_url() in text.split("## ", 1)[0], "the README says the project's URL before its first section"
     assert not re.search(r"\bissues? \d+", text, flags=re.IGNORECASE), "internal issue numbers"
     assert not re.search(r"(commit|on) `[0-9a-f]{7,40}`", text), "commit hashes belong in benchmarks/results"
-    for path in re.findall(r"\]\((benchmarks/results/[^)#]+)\)", text):
+    for label, path in re.findall(r"\[([^\]]*)\]\((benchmarks/results/[^)#]+)\)", text):
         assert (ROOT / path).is_file(), f"README links to {path}, which does not exist"
+        body = (ROOT / path).read_text()
+        recorded = {float(x) for x in re.findall(r"-?\d+\.\d+", body)}
+        for number in re.findall(r"\d+\.\d+", label):  # in the file as written, or as a fraction (51.2% = 0.5116...)
+            as_fraction = path.endswith(".json") and any(abs(100 * x - float(number)) < 0.05 for x in recorded)
+            assert number in body or as_fraction, f"README: {number} ({label!r}) is not in {path}"
     first_screen = "\n".join(text.splitlines()[:40])
     for term in ("rollouts", "performance P", "gamma", "Dr. GRPO", "gates"):
         assert term in first_screen, f"the first screen defines {term!r}"
