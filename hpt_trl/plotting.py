@@ -234,7 +234,7 @@ def plot_notes(log_history: list[dict], metrics=tuple(METRICS)) -> list[str]:
     """
     What a reader of the plots should know about `metrics` in `log_history`: each metric that no step logged (so it
     gets no PNG), with the likely reason for HPT's metrics, and each series that is constant. `hpt-trl plot` prints
-    them after the paths.
+    them on stderr, after the paths.
 
     Args:
         log_history (`list[dict]`):
@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hpt-trl plot: error: {error}", file=sys.stderr)
         return 1
     print("\n".join(paths))
-    for note in plot_notes(load_log_history(args.output_dir), metrics):
-        print(f"note: {note}")
+    for note in plot_notes(load_log_history(args.output_dir), metrics):  # stdout stays one path per line
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 

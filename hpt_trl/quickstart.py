@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-steps", type=int, default=600,
-        help="Optimizer steps, each of 16 prompts x 4 rollouts (default: %(default)s; about 2-5 minutes on one core).",
+        help="Optimizer steps, each of 16 prompts x 4 rollouts (default: %(default)s; 2-8 minutes on one core).",
     )
     parser.add_argument(
         "--gamma", type=float, default=0.0,

@@ -140,7 +140,9 @@ def test_cli_plot_from_a_real_short_hpt_run(tmp_path, capsys):
     capsys.readouterr()
 
     assert cli_main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "plots")]) == 0
-    printed = capsys.readouterr().out.split()
+    captured = capsys.readouterr()
+    printed = captured.out.split()
+    assert "note: entropy.png not written: no step logged `entropy` (no step had a rollout in its loss" in captured.err
     history = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
     steps = [entry for entry in history if "hpt/sft_fraction" in entry]
     # From scratch every rollout fails, so every prompt is on SFT and no rollout is in the loss: the entropy of the
@@ -161,17 +163,17 @@ def test_plot_says_which_metrics_no_step_logged_and_why(tmp_path, capsys):
         entry["hpt/kept_rows/entropy"] = entry.pop("entropy", None)
     write_state(tmp_path / "skipping", history)
     assert cli_main(["plot", str(tmp_path / "skipping")]) == 0
-    out = capsys.readouterr().out
-    assert "entropy_kept_rows.png" in out.splitlines()[3]  # the PNG itself was written
-    assert "note: entropy.png not written: no step logged `entropy` (skip_zero_loss_rows was on" in out
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[3].endswith("entropy_kept_rows.png")  # the PNG itself was written
+    assert "note: entropy.png not written: no step logged `entropy` (skip_zero_loss_rows was on" in captured.err
 
     for entry in history:  # every step on SFT: no rollout in the loss, no entropy anywhere
         entry.pop("hpt/kept_rows/entropy", None)
     write_state(tmp_path / "all_sft", history)
     assert cli_main(["plot", str(tmp_path / "all_sft")]) == 0
-    out = capsys.readouterr().out
-    assert "note: entropy.png not written: no step logged `entropy` (no step had a rollout in its loss" in out
-    assert "note: entropy_kept_rows.png not written" in out
+    err = capsys.readouterr().err
+    assert "note: entropy.png not written: no step logged `entropy` (no step had a rollout in its loss" in err
+    assert "note: entropy_kept_rows.png not written" in err
 
 
 def test_a_constant_series_is_labelled(tmp_path, capsys):
@@ -188,5 +190,5 @@ def test_a_constant_series_is_labelled(tmp_path, capsys):
     plt.close(figure)
     write_state(tmp_path, history)
     assert cli_main(["plot", str(tmp_path), "--metrics", "reward,hpt/sft_fraction"]) == 0
-    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert notes == ["note: reward.png: `reward` is 0 at every logged step."]
