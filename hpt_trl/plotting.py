@@ -14,7 +14,10 @@
 | `training_dynamics.png` | all of the above | overview |
 
 A step where no rollout is in the loss (every prompt on SFT) has no entropy: it is logged as missing, not 0, and
-left out of the plot. `hpt-trl train` writes `OUTPUT_DIR/trainer_state.json` at the end of training, whatever its `save_strategy`. The
+left out of the plot. A metric no step logged gets no PNG, and `hpt-trl plot` says so (see [`plot_notes`]); a series
+that is the same at every step is drawn with a note saying so on its panel.
+
+`hpt-trl train` writes `OUTPUT_DIR/trainer_state.json` at the end of training, whatever its `save_strategy`. The
 Trainer itself writes it with each checkpoint (or on `trainer.save_state()`): a script of your own that trains with
 `save_strategy="no"` should call `trainer.save_state()`, or plot `trainer.state.log_history` with
 [`plot_training_dynamics`].
@@ -61,6 +64,12 @@ def _points(log_history: list[dict], key: str) -> tuple[list[float], list[float]
     return steps, values
 
 
+def constant_value(values: list[float]) -> float | None:
+    """The value of a series whose finite values (at least two) are all equal, else `None`."""
+    finite = [v for v in values if math.isfinite(v)]
+    return finite[0] if len(finite) >= 2 and len(set(finite)) == 1 else None
+
+
 def _moving_average(values: list[float], window: int) -> list[float]:
     """Trailing mean over the last `window` finite values (NaN values are ignored)."""
     averaged = []
@@ -83,6 +92,10 @@ def _draw(axis, steps: list[float], values: list[float], key: str, smooth: bool 
         axis.plot(steps, values, color="tab:blue", marker="o" if len(values) <= 30 else None, markersize=3)
     else:
         axis.text(0.5, 0.5, f"no `{key}` logged", ha="center", va="center", transform=axis.transAxes, color="gray")
+    constant = constant_value(values)
+    if constant is not None:  # matplotlib centres a flat line on an arbitrary range (0 -> -0.04..0.04): say so
+        axis.text(0.5, 0.9, f"constant: {constant:g} at every logged step", ha="center", va="top",
+                  transform=axis.transAxes, color="dimgray", fontsize=9)  # fmt: skip
     if key in _PERCENT_KEYS:
         axis.set_ylim(-0.03, 1.03)
         axis.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
@@ -227,6 +240,44 @@ def plot_run(
     return written
 
 
+def plot_notes(log_history: list[dict], metrics=tuple(METRICS)) -> list[str]:
+    """
+    What a reader of the plots should know about `metrics` in `log_history`: each metric that no step logged (so it
+    gets no PNG), with the likely reason for HPT's metrics, and each series that is constant. `hpt-trl plot` prints
+    them on stderr, after the paths.
+
+    Args:
+        log_history (`list[dict]`):
+            `trainer.state.log_history`, or the `log_history` of a `trainer_state.json`.
+        metrics (`tuple[str, ...]`, *optional*):
+            The metrics that were asked for; defaults to the keys of `METRICS`.
+
+    Returns:
+        `list[str]`: One line per note, in the order of `metrics`.
+    """
+    logged = {key for key in metrics if _points(log_history, key)[0]}
+    notes = []
+    for key in metrics:
+        name = METRICS[key][0] if key in METRICS else key
+        if key not in logged:
+            reason = ""
+            if key == "entropy" and "hpt/kept_rows/entropy" in logged:
+                reason = (
+                    " (skip_zero_loss_rows was on: the entropy of the rollouts that were run is in "
+                    f"{METRICS['hpt/kept_rows/entropy'][0]})"
+                )
+            elif key in ("entropy", "hpt/kept_rows/entropy"):
+                reason = " (no step had a rollout in its loss, e.g. every prompt was trained with SFT)"
+            elif key.startswith("hpt/"):
+                reason = " (not an HPTTrainer run?)"
+            notes.append(f"{name} not written: no step logged `{key}`{reason}.")
+            continue
+        constant = constant_value(_points(log_history, key)[1])
+        if constant is not None:
+            notes.append(f"{name}: `{key}` is {constant:g} at every logged step.")
+    return notes
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hpt-trl plot",
@@ -258,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hpt-trl plot: error: {error}", file=sys.stderr)
         return 1
     print("\n".join(paths))
+    for note in plot_notes(load_log_history(args.output_dir), metrics):  # stdout stays one path per line
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 

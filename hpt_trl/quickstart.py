@@ -79,12 +79,34 @@ def quickstart_config(output_dir: str, max_steps: int, learning_rate: float, see
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpt-trl quickstart", description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default="hpt-quickstart")
-    parser.add_argument("--max-steps", type=int, default=600)
-    parser.add_argument("--gamma", type=float, default=0.0)
-    parser.add_argument("--learning-rate", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(
+        prog="hpt-trl quickstart",
+        description=__doc__.splitlines()[0] + " It prints the held-out accuracy before and after training and the "
+        "share of prompts trained with SFT; the model, trainer_state.json and a plot go to --output_dir.",
+    )
+    parser.add_argument(
+        "--output-dir", default="hpt-quickstart",
+        help="Folder for the trained model (final/), quickstart_results.json, trainer_state.json and "
+        "training_dynamics.png (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--max-steps", type=int, default=600,
+        help="Optimizer steps, each of 16 prompts x 4 rollouts (default: %(default)s; 2-8 minutes on one core).",
+    )
+    parser.add_argument(
+        "--gamma", type=float, default=0.0,
+        help="HPT's gate threshold: a prompt whose share of correct rollouts P is <= gamma is trained with SFT on its "
+        "demonstration, otherwise with RL. 0: SFT only when all 4 rollouts fail; below 0: never SFT (pure RL); "
+        "1: always SFT (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, default=3e-3, help="Constant learning rate (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0,
+        help="Seed of the model's initialisation and of training; the toy task's split is fixed "
+        "(default: %(default)s).",
+    )  # fmt: skip
     return parser
 
 

@@ -117,6 +117,64 @@ def make_parser(prog: str | None = "hpt-trl train") -> TrlParser:
     return TrlParser((HPTScriptArguments, HPTConfig, ModelConfig), prog=prog, description=description)
 
 
+# The options `hpt-trl train --help` lists after the HPT ones (`--help-all` lists every option)
+COMMON_OPTIONS = {
+    "model": ("model_name_or_path", "dtype", "use_peft", "lora_r", "lora_alpha"),
+    "data and rewards": (
+        "dataset_name", "data_files", "datasets", "dataset_limit", "conversational", "prompt_template", "reward_funcs",
+        "reward_model_name_or_path", "merge_adapter",
+    ),
+    "training (the most used GRPOConfig options)": (
+        "output_dir", "num_generations", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
+        "num_train_epochs", "learning_rate", "max_completion_length", "temperature", "loss_type", "use_vllm", "bf16",
+        "use_cpu", "logging_steps", "save_steps", "resume_from_checkpoint", "report_to", "push_to_hub", "seed",
+    ),
+}  # fmt: skip
+
+
+def hpt_option_names() -> list[str]:
+    """The options [`HPTConfig`] adds to `GRPOConfig`, in their declaration order."""
+    from dataclasses import fields
+
+    from trl import GRPOConfig
+
+    inherited = {f.name for f in fields(GRPOConfig)}
+    return [f.name for f in fields(HPTConfig) if f.name not in inherited]
+
+
+def short_help(parser: TrlParser | None = None) -> str:
+    """`hpt-trl train --help`: `--config`, the HPT options, then the most used model, data and training options, with a
+    pointer to `--help-all` (every `GRPOConfig`, `TrainingArguments` and `ModelConfig` option)."""
+    import argparse
+
+    parser = parser or make_parser()
+    actions = {action.dest: action for action in parser._actions}
+    short = argparse.ArgumentParser(
+        prog=parser.prog,
+        usage=f"{parser.prog} [--config RECIPE.yaml] [--option value ...]",
+        description=parser.description,
+        epilog=f"These are the main options. `{parser.prog} --help-all` lists all {len(parser._actions) - 1}: every "
+        "GRPOConfig, TrainingArguments and ModelConfig option is accepted, as in `trl grpo`.",
+        add_help=False,
+    )
+    recipe = short.add_argument_group("recipe")
+    recipe.add_argument(
+        "--config",
+        metavar="RECIPE.yaml",
+        help="YAML file of option: value pairs (see recipes/), plus an optional `env:` mapping of environment "
+        "variables. Options given on the command line override it.",
+    )
+    recipe.add_argument("-h", "--help", action="store_true", help="Show this message.")
+    recipe.add_argument("--help-all", action="store_true", help="Show every option.")
+    groups = {"HPT (HPTConfig; the rest of HPTConfig is GRPOConfig)": hpt_option_names(), **COMMON_OPTIONS}
+    for title, names in groups.items():
+        group = short.add_argument_group(title)
+        for name in names:
+            if name in actions:
+                group._add_action(actions[name])
+    return short.format_help()
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[HPTScriptArguments, HPTConfig, ModelConfig]:
     """Parse `argv` (a `--config` YAML file and/or options) into the script, training and model arguments."""
     script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
@@ -434,6 +492,13 @@ def finish(trainer) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--help-all" in argv:
+        make_parser().print_help()
+        return 0
+    if "-h" in argv or "--help" in argv:
+        print(short_help())
+        return 0
     script_args, training_args, model_args = parse_args(argv)
     finish(run(script_args, training_args, model_args))
     return 0

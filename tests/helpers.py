@@ -1,5 +1,6 @@
 """Small datasets, rewards and configs shared by the tests."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -126,3 +127,11 @@ def count_rollout_passes(trainer) -> list[int]:
     finally:
         GRPOTrainer.compute_loss = original
     return sizes
+
+
+def project_url() -> str:
+    """The project's URL: `Repository` in pyproject.toml's `[project.urls]` (the one place it is set)."""
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    urls = re.search(r"^\[project\.urls\]\n(.*?)(?=^\[)", text, flags=re.MULTILINE | re.DOTALL)
+    assert urls, "pyproject.toml has no [project.urls]"
+    return re.search(r'^Repository = "([^"]+)"', urls.group(1), flags=re.MULTILINE).group(1)

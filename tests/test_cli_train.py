@@ -275,8 +275,7 @@ def test_tiny_cpu_recipe_trains_saves_and_reloads(tmp_path):
 
 
 def test_help_lists_the_hpt_options(capsys):
-    with pytest.raises(SystemExit):
-        cli_main(["train", "--help"])
+    assert cli_main(["train", "--help"]) == 0
     text = capsys.readouterr().out
     for option in ("--gamma", "--sft_loss_coef", "--dataset_name", "--reward_funcs", "--use_peft", "--config"):
         assert option in text, option

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from helpers import project_url
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "hpt_lora_colab.ipynb"
 
@@ -31,6 +32,7 @@ def test_notebook_is_committed_clean_and_colab_ready():
     if os.environ.get("HPT_NOTEBOOK_TINY") != "1":
         assert namespace["TINY"] is False  # Colab runs the real thing by default
     assert namespace["MODEL_ID"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert namespace["PUSH_TO_HUB"] is False  # "Run all" must not stop at a login prompt
 
     # one variable says where hpt-trl comes from; the Colab badge opens the notebook from the same repository
     repo = namespace["HPT_TRL_REPO"]
@@ -39,6 +41,8 @@ def test_notebook_is_committed_clean_and_colab_ready():
     badge = f"https://colab.research.google.com/github/{match.group(1)}/blob/main/notebooks/{NOTEBOOK.name}"
     assert f"]({badge})" in nb.cells[0].source, "the badge and HPT_TRL_REPO point to different repositories"
     assert "<org>" not in NOTEBOOK.read_text()
+    assert repo == "git+" + project_url(), "HPT_TRL_REPO is not pyproject.toml's [project.urls] Repository"
+    assert f"`{repo}`" in nb.cells[0].source, "the first cell says where hpt-trl is installed from"
 
     code = "\n".join(code_sources(nb))
     assert "%pip install -q {HPT_TRL_REPO}" in code and "if not TINY:" in code  # no install in CI

@@ -140,7 +140,9 @@ def test_cli_plot_from_a_real_short_hpt_run(tmp_path, capsys):
     capsys.readouterr()
 
     assert cli_main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "plots")]) == 0
-    printed = capsys.readouterr().out.split()
+    captured = capsys.readouterr()
+    printed = captured.out.split()
+    assert "note: entropy.png not written: no step logged `entropy` (no step had a rollout in its loss" in captured.err
     history = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
     steps = [entry for entry in history if "hpt/sft_fraction" in entry]
     # From scratch every rollout fails, so every prompt is on SFT and no rollout is in the loss: the entropy of the
@@ -153,3 +155,40 @@ def test_cli_plot_from_a_real_short_hpt_run(tmp_path, capsys):
         assert_real_png(path)
     for key in ("hpt/sft_fraction", "reward", "hpt/performance_mean", "completions/mean_length"):
         assert sum(key in entry for entry in history) == 4, key
+
+
+def test_plot_says_which_metrics_no_step_logged_and_why(tmp_path, capsys):
+    history = fake_log_history(10)
+    for entry in history:  # skip_zero_loss_rows on: TRL's entropy is logged under hpt/kept_rows/entropy
+        entry["hpt/kept_rows/entropy"] = entry.pop("entropy", None)
+    write_state(tmp_path / "skipping", history)
+    assert cli_main(["plot", str(tmp_path / "skipping")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[3].endswith("entropy_kept_rows.png")  # the PNG itself was written
+    assert "note: entropy.png not written: no step logged `entropy` (skip_zero_loss_rows was on" in captured.err
+
+    for entry in history:  # every step on SFT: no rollout in the loss, no entropy anywhere
+        entry.pop("hpt/kept_rows/entropy", None)
+    write_state(tmp_path / "all_sft", history)
+    assert cli_main(["plot", str(tmp_path / "all_sft")]) == 0
+    err = capsys.readouterr().err
+    assert "note: entropy.png not written: no step logged `entropy` (no step had a rollout in its loss" in err
+    assert "note: entropy_kept_rows.png not written" in err
+
+
+def test_a_constant_series_is_labelled(tmp_path, capsys):
+    import matplotlib.pyplot as plt
+
+    from hpt_trl.plotting import _draw
+
+    history = [{"step": step, "reward": 0.0, "hpt/sft_fraction": step / 10} for step in range(1, 11)]
+    figure, axes = plt.subplots(1, 2)
+    _draw(axes[0], *zip(*[(e["step"], e["reward"]) for e in history]), "reward")
+    _draw(axes[1], *zip(*[(e["step"], e["hpt/sft_fraction"]) for e in history]), "hpt/sft_fraction")
+    assert [t.get_text() for t in axes[0].texts] == ["constant: 0 at every logged step"]
+    assert len(axes[1].texts) == 0  # a moving series has no note
+    plt.close(figure)
+    write_state(tmp_path, history)
+    assert cli_main(["plot", str(tmp_path), "--metrics", "reward,hpt/sft_fraction"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == ["note: reward.png: `reward` is 0 at every logged step."]
