@@ -1,5 +1,6 @@
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -184,6 +185,11 @@ class HPTConfig(GRPOConfig):
             Skip an optimizer step (no parameter, moment or weight-decay update) when the gradient norm before
             clipping is above this value, as the authors' Qwen2.5-Math-7B run does (`max_grad_norm=80` there, in their
             gradient scale). `None`: never skip. Not with DeepSpeed (it clips and steps itself).
+        chat_template_path (`str` or `None`, *optional*, defaults to `None`):
+            A Jinja chat template file that replaces the tokenizer's: conversational prompts (and the end-of-turn token
+            of demonstrations) are rendered with it. The LLaMA recipe uses it for the authors' scaffold
+            `Question:\n{problem}\nPlease reason step by step...\nAnswer:\nLet's think step by step.` without a BOS
+            token (their prompts are tokenized without special tokens). `None`: the tokenizer's template.
     """
 
     # Paper defaults for the RL term (Dr. GRPO, no KL)
@@ -280,6 +286,10 @@ class HPTConfig(GRPOConfig):
         default=None,
         metadata={"help": "Skip the optimizer step when the gradient norm before clipping is above this. None: never."},
     )
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={"help": "Jinja chat template file that replaces the tokenizer's for prompts and demonstrations."},
+    )
 
     def __post_init__(self):
         _check_integer_fields(self)  # before GRPOConfig does arithmetic with them
@@ -348,6 +358,8 @@ class HPTConfig(GRPOConfig):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if self.skip_update_above_grad_norm is not None:
             _check_finite("skip_update_above_grad_norm", self.skip_update_above_grad_norm, minimum=0.0, strictly=True)
+        if self.chat_template_path is not None and not os.path.isfile(self.chat_template_path):
+            raise ValueError(f"`chat_template_path` {self.chat_template_path!r} is not a file.")
 
     @property
     def trains_demonstrations(self) -> bool:

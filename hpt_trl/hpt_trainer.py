@@ -226,6 +226,9 @@ class HPTTrainer(GRPOTrainer):
             resolve_performance_reward([get_callable_name(f) for f in funcs], args.performance_reward)
 
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, **kwargs)
+        if args.chat_template_path is not None:  # before anything renders a prompt or a demonstration
+            with open(args.chat_template_path, encoding="utf-8") as file:
+                self._tokenizer.chat_template = self.processing_class.chat_template = file.read()
 
         self._performance_index, reason = resolve_performance_reward(self.reward_func_names, args.performance_reward)
         logger.info(reason)

@@ -2,18 +2,23 @@
 against an oracle written from their code (tests/authors_oracle.py), the gradient-norm skip, and the paper recipes."""
 
 import copy
+import json
 import random
+from pathlib import Path
 
 import authors_oracle
 import pytest
 import torch
+import trl
 from helpers import addition_dataset, mixed_reward, tiny_args
 from test_modes import run_and_capture
 
 from hpt_trl import HPTConfig, HPTTrainer
 from hpt_trl.balance import authors_packing, balanced_partitions, demonstration_sft_loss, rollout_normalizer
-from hpt_trl.hpt_trainer import DEMO_IDS, DEMO_MASK, DEMO_SFT_WEIGHT
+from hpt_trl.hpt_trainer import DEMO_IDS, DEMO_MASK, DEMO_SFT_WEIGHT, DEMONSTRATION_IDS_COLUMN
 from hpt_trl.tiny import build_tiny_model, build_tiny_tokenizer
+from hpt_trl.train import load_datasets, parse_args
+from trl import ModelConfig
 
 
 @pytest.mark.parametrize("equal_size", [True, False])
@@ -218,3 +223,124 @@ def test_skip_update_above_grad_norm(tmp_path):
 def test_reproduction_options_are_checked(tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
         HPTConfig(output_dir=str(tmp_path), use_cpu=True, **options)
+
+
+# The paper recipes, loaded through the CLI's parser, against the authors' run scripts (exp_scripts/train.sh for Qwen,
+# train_llama.sh for LLaMA). The table of docs/reproducing.md lists these settings and names these tests.
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+AUTHORS_GPUS = 8
+# name: (model, gamma, sft_loss_coef, their skip threshold MAX_GRAD_NORM or None)
+PAPER_RUNS = {
+    "qwen2.5-math-7b.yaml": ("Qwen/Qwen2.5-Math-7B", 0.0, 1.0, 80.0),
+    "qwen2.5-math-1.5b.yaml": ("Qwen/Qwen2.5-Math-1.5B", 0.0, 0.3, 80.0),
+    "llama-3.1-8b.yaml": ("meta-llama/Llama-3.1-8B", 0.25, 1.0, None),
+}
+
+
+def paper_recipe(name):
+    # the GPU recipes ask for bf16, which this CPU machine lacks
+    return parse_args(["--config", str(RECIPES / name), "--bf16", "false", "--use_cpu", "true"])
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_RUNS))
+def test_paper_recipe_batching_is_two_optimizer_steps_per_generation_batch(name):
+    _, args, _ = paper_recipe(name)
+    n, processes = args.num_generations, AUTHORS_GPUS
+    # train_batch_size=128 prompts x rollout.n=8 per generation batch, ppo_mini_batch_size=64 prompts per Adam step
+    assert n == 8
+    assert args.per_device_train_batch_size * args.steps_per_generation * processes == 128 * n
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps * processes == 64 * n
+    assert args.num_iterations == 1  # ppo_epochs=1
+    # trainer.total_training_steps=500 generation batches, save_freq=50
+    assert args.max_steps == 500 * 2 and args.save_steps == 50 * 2
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_RUNS))
+def test_paper_recipe_loss_gate_and_coefficients(name):
+    script_args, args, model_args = paper_recipe(name)
+    model, gamma, sft_loss_coef, _ = PAPER_RUNS[name]
+    assert model_args.model_name_or_path == model and script_args.dataset_name == "openr1_math_46k"
+    # switch gate on the number of solved rollouts (switch_gate=0 or 2 of 8), no middle band (switch_gate_off=gate)
+    assert (args.algorithm, args.gate, args.gamma, args.gamma_off) == ("hpt", "switch", gamma, None)
+    assert (args.success_threshold, args.sft_loss_coef, args.performance_reward) == (1.0, sft_loss_coef, "math_accuracy_reward")
+    # Dr. GRPO (grpo_use_std=False, loss_remove_token_mean=True), no KL, no clipping (loss_remove_clip=True): the ratio
+    # is never clamped, since clamp(r, 1 - 1, 1 + 1e9) = r
+    assert (args.loss_type, args.scale_rewards, args.beta, args.epsilon) == ("dr_grpo", "none", 0.0, 1.0)
+    assert args.epsilon_high >= 1e9
+    # entropy_coeff=0.001 and their SFT token mean, over their micro-batches (8 GPUs, 32768 tokens per micro-batch)
+    assert (args.entropy_coef, args.entropy_weighting, args.sft_weighting) == (0.001, "authors_packing", "authors_packing")
+    assert (args.authors_num_gpus, args.authors_max_tokens_per_gpu) == (AUTHORS_GPUS, 32768)
+    assert (args.max_completion_length, args.max_demonstration_length, args.temperature) == (8192, 8192, 1.0)
+    # AdamW lr 5e-6 constant without warmup, weight decay 0.01 (veRL's default); no vLLM sampling correction
+    assert (args.learning_rate, args.lr_scheduler_type.value, args.warmup_steps) == (5e-6, "constant", 0)
+    assert args.optim.value.startswith("adamw_torch")  # torch AdamW (fused where available)
+    assert (args.weight_decay, args.adam_beta1, args.adam_beta2) == (0.01, 0.9, 0.999)
+    assert args.vllm_importance_sampling_correction is False
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_RUNS))
+def test_paper_recipe_clipping_is_theirs_in_our_gradient_scale(name):
+    # Their gradient of an optimizer step is R / G times ours (test_authors_loss_is_ours_times_rows_per_step_over_gpus):
+    # R = rollouts per optimizer step here (TRL averages them), G = their GPUs (FSDP averages them)
+    _, args, _ = paper_recipe(name)
+    scale = args.per_device_train_batch_size * args.gradient_accumulation_steps * AUTHORS_GPUS / args.authors_num_gpus
+    assert scale == 64
+    assert args.max_grad_norm * scale == pytest.approx(1.0)  # grad_clip=1.0
+    assert args.adam_epsilon * scale == pytest.approx(1e-8)  # torch AdamW's eps, so that Adam sees their gradient
+    skip = PAPER_RUNS[name][3]
+    assert args.skip_update_above_grad_norm == (None if skip is None else pytest.approx(skip / scale))
+
+
+def _fixture_row():
+    return json.loads((FIXTURES / "openr1_math_46k.jsonl").read_text().splitlines()[0])
+
+
+def _prompt_trainer(tmp_path, name, tokenizer):
+    """A tiny trainer with the recipe's data and prompt settings, and the recipe's first fixture row's prompt."""
+    script_args, args, _ = paper_recipe(name)
+    script_args.dataset_name, script_args.data_files = None, str(FIXTURES / "openr1_math_46k.jsonl")
+    dataset, _ = load_datasets(script_args, ModelConfig(model_name_or_path="tiny"))
+    config = tiny_args(tmp_path, gamma=args.gamma, chat_template_path=args.chat_template_path)
+    trainer = HPTTrainer(model=build_tiny_model(tokenizer), reward_funcs=mixed_reward, args=config,
+                         train_dataset=dataset, processing_class=tokenizer)
+    return trainer, dataset[0]
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-math-7b.yaml", "qwen2.5-math-1.5b.yaml"])
+def test_qwen_recipe_prompts_are_the_authors_token_for_token(tmp_path, name):
+    # Their prompt: the dataset's messages without the system one (data/prepare_train.py), the model's chat template
+    # with the generation prompt, tokenized without special tokens (rl_dataset_with_target.py). TRL's Qwen2.5
+    # template file stands in for the model's (Qwen2.5-Math's differs only in its default system text).
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+    trainer, row = _prompt_trainer(tmp_path, name, tokenizer)
+    raw = _fixture_row()
+    assert raw["prompt"][0]["role"] == "system" and row["prompt"] == raw["prompt"][1:]
+    text = tokenizer.apply_chat_template(raw["prompt"][1:], add_generation_prompt=True, tokenize=False)
+    theirs = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ours = trainer._tokenize_prompts([row["prompt"]])[0][0]
+    assert list(ours) == theirs
+    assert "Your task is to follow" not in tokenizer.decode(ours)  # LUFFY's system prompt is gone
+
+
+def test_llama_recipe_prompts_and_demonstrations_are_the_authors_token_for_token(tmp_path):
+    # Their prompt: data.zero_temp.format(prompt=problem + data.suffix_prompt), tokenized without special tokens, so
+    # without the BOS a LLaMA tokenizer adds; their demonstration: its tokens, then the EOS token
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)]
+    )
+    assert tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id  # as LLaMA-3.1's tokenizer does
+    trainer, row = _prompt_trainer(tmp_path, "llama-3.1-8b.yaml", tokenizer)
+    raw = _fixture_row()
+    suffix = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+    text = "Question:\n{prompt}\nAnswer:\nLet's think step by step.".format(prompt=raw["prompt"][-1]["content"] + suffix)
+    ours = trainer._tokenize_prompts([row["prompt"]])[0][0]
+    assert list(ours) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    demonstration = trainer.train_dataset[0][DEMONSTRATION_IDS_COLUMN]
+    content = raw["target"][0]["content"]
+    assert demonstration == tokenizer(content, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
