@@ -344,3 +344,42 @@ def test_llama_recipe_prompts_and_demonstrations_are_the_authors_token_for_token
     demonstration = trainer.train_dataset[0][DEMONSTRATION_IDS_COLUMN]
     content = raw["target"][0]["content"]
     assert demonstration == tokenizer(content, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def test_authors_packing_with_two_optimizer_steps_per_generation(tmp_path):
+    # The recipes' layout in small: one generation batch of 4 prompts x 2 rollouts, 2 optimizer steps of 4 rollouts;
+    # the replay cuts each of the authors' GPUs' rows into mini-batches of R / G = 4 / 2 = 2 rows
+    trainer = HPTTrainer(
+        model=build_tiny_model(tokenizer := build_tiny_tokenizer()),
+        reward_funcs=mixed_reward,
+        args=tiny_args(
+            tmp_path, gamma=0.0, max_steps=2, per_device_train_batch_size=4, steps_per_generation=2,
+            gradient_accumulation_steps=1, entropy_coef=0.01, sft_weighting="authors_packing",
+            entropy_weighting="authors_packing", authors_num_gpus=2, authors_max_tokens_per_gpu=1000,
+        ),
+        train_dataset=addition_dataset(),
+        processing_class=tokenizer,
+    )
+    assert trainer._authors_rows_per_mini_batch == 2
+    (_, output), = run_and_capture(trainer)
+    assert trainer.state.global_step == 2
+    # 2 demonstrations and the 4 kept rollouts, padded to 8 rows and spread over 2 GPUs: each GPU's 3 rows make 2
+    # mini-batches of one micro-batch each (1000 tokens); the oracle says which demonstrations share one
+    kept = output["tool_mask"].amax(dim=1) > 0
+    demo_rows = output[DEMO_MASK].any(dim=1).nonzero().squeeze(1).tolist()
+    lengths = (output["prompt_mask"].sum(1) + output["completion_mask"].sum(1)).tolist()
+    rows = [(("rollout", r), lengths[r]) for r in range(len(lengths)) if kept[r]]  # prompt order (before TRL's shuffle)
+    rows += [(("demo", r), int(output["prompt_mask"][r].sum() + output[DEMO_MASK][r].sum())) for r in demo_rows]
+    micro = [m for step in authors_oracle.micro_batches(rows, 2, 2, 1000) for gpu in step for m in gpu]
+    assert len(demo_rows) == 2 and len(micro) == 4
+    for m in micro:
+        demos = [r for kind, r in m if kind == "demo"]
+        tokens = sum(output[DEMO_MASK][r].sum().item() for r in demos)
+        for r in demos:
+            assert output[DEMO_SFT_WEIGHT][r].item() == pytest.approx(output[DEMO_MASK][r].sum().item() / tokens)
+    total = output[DEMO_SFT_WEIGHT][demo_rows].sum().item()
+    assert logged_values(trainer, "hpt/authors_sft_weight") == [pytest.approx(total)]
+
+
+def logged_values(trainer, key):
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
