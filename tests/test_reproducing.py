@@ -383,3 +383,20 @@ def test_authors_packing_with_two_optimizer_steps_per_generation(tmp_path):
 
 def logged_values(trainer, key):
     return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+@pytest.mark.slow
+def test_authors_packing_and_skip_under_two_ddp_processes(tmp_path):
+    # The replay gathers the lengths of every process's rows; under 2 DDP processes (gloo) training must finish, both
+    # processes taking the same decisions, with the packing replayed for 2 GPUs of 8 rows per optimizer step
+    from test_distributed import run as run_worker
+
+    options = [
+        "--sft_weighting", "authors_packing", "--entropy_weighting", "authors_packing", "--entropy_coef", "0.01",
+        "--authors_num_gpus", "2", "--authors_max_tokens_per_gpu", "64", "--skip_update_above_grad_norm", "1e6",
+    ]
+    results = run_worker(tmp_path, "ddp", *options)
+    assert [r["num_processes"] for r in results] == [2, 2] and all(r["global_step"] == 3 for r in results)
+    assert results[0]["gate_history"] == results[1]["gate_history"]
+    logs = (tmp_path / "launch.log").read_text()  # the Trainer's printed logs
+    assert logs.count("'hpt/authors_sft_weight'") == 3 and logs.count("'hpt/skipped_update': '0'") == 3
