@@ -123,7 +123,7 @@ def demonstration_sft_loss(
 
 
 class _Partition:
-    __slots__ = ("total", "items")
+    __slots__ = ("items", "total")
 
     def __init__(self):
         self.total, self.items = 0, []
@@ -146,13 +146,13 @@ class _PartialSolution:
     def spread(self) -> int:
         return self.sets[0].total - self.sets[-1].total
 
-    def merge(self, other: "_PartialSolution") -> None:
+    def merge(self, other: _PartialSolution) -> None:
         for mine, theirs in zip(self.sets, reversed(other.sets)):
             mine.items.extend(theirs.items)
             mine.total += theirs.total
         self.sets.sort(key=_Partition.key, reverse=True)
 
-    def __lt__(self, other: "_PartialSolution") -> bool:
+    def __lt__(self, other: _PartialSolution) -> bool:
         if self.spread != other.spread:
             return self.spread > other.spread
         return self.sets[0].key() > other.sets[0].key()
@@ -256,7 +256,9 @@ def authors_packing(
     if padded:
         for part in balanced_partitions([lengths[row] for row in padded], num_gpus, equal_size=True):
             rows = [padded[position] for position in part if not is_padding[position]]
-            per_gpu.append([rows[start : start + rows_per_mini_batch] for start in range(0, len(rows), rows_per_mini_batch)])
+            per_gpu.append(
+                [rows[start : start + rows_per_mini_batch] for start in range(0, len(rows), rows_per_mini_batch)]
+            )
     micro_batches = []
     for step in range(max((len(steps) for steps in per_gpu), default=0)):
         mini_batches = [steps[step] for steps in per_gpu if step < len(steps)]

@@ -184,7 +184,8 @@ class HPTConfig(GRPOConfig):
         skip_update_above_grad_norm (`float` or `None`, *optional*, defaults to `None`):
             Skip an optimizer step (no parameter, moment or weight-decay update) when the gradient norm before
             clipping is above this value, as the authors' Qwen2.5-Math-7B run does (`max_grad_norm=80` there, in their
-            gradient scale). `None`: never skip. Not with DeepSpeed (it clips and steps itself).
+            gradient scale). `None` or `inf` (`--skip_update_above_grad_norm inf` on the command line): never skip.
+            Not with DeepSpeed (it clips and steps itself).
         chat_template_path (`str` or `None`, *optional*, defaults to `None`):
             A Jinja chat template file that replaces the tokenizer's: conversational prompts (and the end-of-turn token
             of demonstrations) are rendered with it. The LLaMA recipe uses it for the authors' scaffold
@@ -278,7 +279,9 @@ class HPTConfig(GRPOConfig):
             "choices": PACKING_RULES["entropy_weighting"],
         },
     )
-    authors_num_gpus: int = field(default=8, metadata={"help": "GPUs of the authors' run replayed by 'authors_packing'."})
+    authors_num_gpus: int = field(
+        default=8, metadata={"help": "GPUs of the authors' run replayed by 'authors_packing'."}
+    )
     authors_max_tokens_per_gpu: int = field(
         default=32768, metadata={"help": "Tokens per micro-batch of the authors' run (ppo_max_token_len_per_gpu)."}
     )
@@ -356,8 +359,9 @@ class HPTConfig(GRPOConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if self.skip_update_above_grad_norm is not None:
-            _check_finite("skip_update_above_grad_norm", self.skip_update_above_grad_norm, minimum=0.0, strictly=True)
+        threshold = self.skip_update_above_grad_norm
+        if threshold is not None and threshold != math.inf:  # inf: never skip (how the command line turns it off)
+            _check_finite("skip_update_above_grad_norm", threshold, minimum=0.0, strictly=True)
         if self.chat_template_path is not None and not os.path.isfile(self.chat_template_path):
             raise ValueError(f"`chat_template_path` {self.chat_template_path!r} is not a file.")
 

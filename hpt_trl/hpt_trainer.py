@@ -258,7 +258,9 @@ class HPTTrainer(GRPOTrainer):
         """`sft_weighting`/`entropy_weighting="authors_packing"` and `skip_update_above_grad_norm`
         (`docs/reproducing.md`)."""
         self._replays_authors_packing = "authors_packing" in (args.sft_weighting, args.entropy_weighting)
-        rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * self.accelerator.num_processes
+        rows_per_step = (
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * self.accelerator.num_processes
+        )
         if self._replays_authors_packing and rows_per_step % args.authors_num_gpus:
             raise ValueError(
                 f"'authors_packing' splits each optimizer step's {rows_per_step} rollouts over authors_num_gpus="
@@ -271,8 +273,13 @@ class HPTTrainer(GRPOTrainer):
         if self._authors_entropy_coef:
             self._entropy_bonus_enabled = False
         self._captured_entropies: list | None = None
-        if args.skip_update_above_grad_norm is not None and self.is_deepspeed_enabled:
-            raise ValueError("`skip_update_above_grad_norm` cannot be used with DeepSpeed, which steps the optimizer itself.")
+        threshold = args.skip_update_above_grad_norm
+        self._skip_threshold = threshold if threshold is not None and math.isfinite(threshold) else None
+        if self._skip_threshold is not None and self.is_deepspeed_enabled:
+            raise ValueError(
+                "`skip_update_above_grad_norm` cannot be used with DeepSpeed, which clips and steps the optimizer inside "
+                "its engine: launch with FSDP or DDP, or turn it off with `--skip_update_above_grad_norm inf`."
+            )
 
     def _resolve_skip_zero_loss_rows(self, args: HPTConfig) -> bool:
         """`skip_zero_loss_rows`: None turns it on wherever the update stays exact (the config's settings and a dense
@@ -355,7 +362,7 @@ class HPTTrainer(GRPOTrainer):
         # transformers' Trainer computes the (all-reduced) gradient norm right before the optimizer step: a NaN or inf
         # here stops training on every process before the update reaches the weights or a checkpoint
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        threshold = self.args.skip_update_above_grad_norm
+        threshold = self._skip_threshold
         if threshold is not None and grad_norm is not None and math.isfinite(float(grad_norm)):
             skipped = float(grad_norm) > threshold
             if skipped:  # AdamW leaves parameters without a gradient untouched: no step, no moments, no weight decay
@@ -595,8 +602,11 @@ class HPTTrainer(GRPOTrainer):
     def _authors_entropy_bonus(self, entropies: torch.Tensor, weights: torch.Tensor, inputs) -> torch.Tensor:
         """The authors' entropy bonus of these rows: `entropy_coef` times each token's entropy over the response tokens
         of its authors' micro-batch (`weights`), one micro-batch's mean weighing as one full-length rollout."""
-        return self._authors_entropy_coef * (entropies * weights).sum() * self.max_completion_length / (
-            self._rollout_normalizer(inputs)
+        return (
+            self._authors_entropy_coef
+            * (entropies * weights).sum()
+            * self.max_completion_length
+            / (self._rollout_normalizer(inputs))
         )
 
     def _rollout_normalizer(self, inputs):

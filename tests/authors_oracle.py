@@ -97,7 +97,10 @@ def micro_batches(rows, num_gpus, rows_per_mini_batch, max_token_len):
         count = max(-(-sum(length for _, length in mini) // max_token_len) for mini in minis if mini)  # all_reduce MAX
         steps.append(
             [
-                [[mini[i][0] for i in part] for part in get_seqlen_balanced_partitions([l for _, l in mini], count, False)]
+                [
+                    [mini[i][0] for i in part]
+                    for part in get_seqlen_balanced_partitions([l for _, l in mini], count, False)
+                ]
                 if mini
                 else []
                 for mini in minis

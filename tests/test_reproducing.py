@@ -12,13 +12,14 @@ import torch
 import trl
 from helpers import addition_dataset, mixed_reward, tiny_args
 from test_modes import run_and_capture
+from test_trainer import logged, make_trainer
+from trl import ModelConfig
 
 from hpt_trl import HPTConfig, HPTTrainer
 from hpt_trl.balance import authors_packing, balanced_partitions, demonstration_sft_loss, rollout_normalizer
 from hpt_trl.hpt_trainer import DEMO_IDS, DEMO_MASK, DEMO_SFT_WEIGHT, DEMONSTRATION_IDS_COLUMN
 from hpt_trl.tiny import build_tiny_model, build_tiny_tokenizer
 from hpt_trl.train import load_datasets, parse_args
-from trl import ModelConfig
 
 
 @pytest.mark.parametrize("equal_size", [True, False])
@@ -101,20 +102,31 @@ def test_authors_loss_is_ours_times_rows_per_step_over_gpus(num_gated):
     def values(length):
         mask = torch.zeros(L, dtype=torch.float64)
         mask[:length] = 1
-        return {"logp": -torch.rand(L, dtype=torch.float64), "pg": torch.randn(L, dtype=torch.float64),
-                "entropy": torch.rand(L, dtype=torch.float64), "mask": mask}
+        return {
+            "logp": -torch.rand(L, dtype=torch.float64),
+            "pg": torch.randn(L, dtype=torch.float64),
+            "entropy": torch.rand(L, dtype=torch.float64),
+            "mask": mask,
+        }
 
     rows = {("rollout", row): dict(values(r), sft=False) for row, r in enumerate(responses)}
     rows.update({("demo", j): dict(values(d), sft=True) for j, d in enumerate(demos)})
     oracle = authors_oracle.actor_loss(steps, rows, sft_coef, coef, L, gpus)
 
     R = gpus * rows_per_mini_batch  # our rollouts per optimizer step (one process: B * GA = R)
-    N = rollout_normalizer("dr_grpo", max_completion_length=L, per_device_batch_size=R, gradient_accumulation_steps=1,
-                           steps_per_generation=1, num_processes=1)
+    N = rollout_normalizer(
+        "dr_grpo",
+        max_completion_length=L,
+        per_device_batch_size=R,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_processes=1,
+    )
     kept = [row for row in range(len(responses)) if row // n not in gated]
     rl = sum((rows[("rollout", row)]["pg"] * rows[("rollout", row)]["mask"]).sum() for row in kept) / N
     entropy = sum(
-        (rows[("rollout", row)]["entropy"] * rows[("rollout", row)]["mask"]).sum() / ours.rollout_micro_batch_tokens[row]
+        (rows[("rollout", row)]["entropy"] * rows[("rollout", row)]["mask"]).sum()
+        / ours.rollout_micro_batch_tokens[row]
         for row in kept
     ) + sum(
         (rows[("demo", j)]["entropy"] * rows[("demo", j)]["mask"]).sum() / ours.demonstration_micro_batch_tokens[j]
@@ -140,8 +152,13 @@ def _authors_gradient(trainer, model, output, steps, sft_coef, entropy_coeff, nu
     rows = {}
     for row in range(ids.size(0)):
         pg = -output["advantages"][row] * torch.exp(logps[row] - logps[row].detach())
-        rows[("rollout", row)] = {"pg": pg, "logp": logps[row], "entropy": entropies[row],
-                                  "mask": output["completion_mask"][row].double(), "sft": False}
+        rows[("rollout", row)] = {
+            "pg": pg,
+            "logp": logps[row],
+            "entropy": entropies[row],
+            "mask": output["completion_mask"][row].double(),
+            "sft": False,
+        }
     for row in output[DEMO_MASK].any(dim=1).nonzero().squeeze(1).tolist():
         demo_ids, demo_mask = output[DEMO_IDS][row : row + 1], output[DEMO_MASK][row : row + 1]
         logp, entropy, _ = trainer._get_per_token_logps_and_entropies(
@@ -166,15 +183,31 @@ def test_trainer_update_is_the_authors_under_their_packing(tmp_path):
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer).double()
     args = tiny_args(
-        tmp_path, gamma=0.0, max_steps=1, per_device_train_batch_size=12, optim="sgd", learning_rate=1.0, max_grad_norm=0.0, num_generations=2,
-        sft_loss_coef=sft_coef, entropy_coef=entropy_coef, sft_weighting="authors_packing",
-        entropy_weighting="authors_packing", authors_num_gpus=1, authors_max_tokens_per_gpu=max_tokens,
+        tmp_path,
+        gamma=0.0,
+        max_steps=1,
+        per_device_train_batch_size=12,
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+        num_generations=2,
+        sft_loss_coef=sft_coef,
+        entropy_coef=entropy_coef,
+        sft_weighting="authors_packing",
+        entropy_weighting="authors_packing",
+        authors_num_gpus=1,
+        authors_max_tokens_per_gpu=max_tokens,
     )
-    trainer = HPTTrainer(model=model, reward_funcs=mixed_reward, args=args, train_dataset=addition_dataset(size=6),
-                         processing_class=tokenizer)
+    trainer = HPTTrainer(
+        model=model,
+        reward_funcs=mixed_reward,
+        args=args,
+        train_dataset=addition_dataset(size=6),
+        processing_class=tokenizer,
+    )
     initial = copy.deepcopy(trainer.model)
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    (_, output), = run_and_capture(trainer)
+    ((_, output),) = run_and_capture(trainer)
     update = torch.cat([(b - p.detach()).flatten() for p, b in zip(trainer.model.parameters(), before)])
 
     kept = output["tool_mask"].amax(dim=1) > 0
@@ -194,21 +227,18 @@ def test_trainer_update_is_the_authors_under_their_packing(tmp_path):
 
 def test_skip_update_above_grad_norm(tmp_path):
     def run(threshold, path):
-        tokenizer = build_tiny_tokenizer()
-        args = tiny_args(path, gamma=0.0, max_steps=2, skip_update_above_grad_norm=threshold, weight_decay=0.1)
-        trainer = HPTTrainer(model=build_tiny_model(tokenizer), reward_funcs=mixed_reward, args=args,
-                             train_dataset=addition_dataset(), processing_class=tokenizer)
+        trainer = make_trainer(path, gamma=0.0, max_steps=2, skip_update_above_grad_norm=threshold, weight_decay=0.1)
         before = [p.detach().clone() for p in trainer.model.parameters()]
         trainer.train()
         changed = any(not torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before))
-        skipped = [e["hpt/skipped_update"] for e in trainer.state.log_history if "hpt/skipped_update" in e]
-        norms = [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]
-        return changed, skipped, norms
+        return changed, logged(trainer, "hpt/skipped_update"), logged(trainer, "grad_norm")
 
     changed, skipped, norms = run(1e-12, tmp_path / "skip")  # every update skipped: nothing moves, not even decay
     assert not changed and skipped == [1.0, 1.0] and min(norms) > 1e-12
     changed, skipped, _ = run(1e12, tmp_path / "keep")
     assert changed and skipped == [0.0, 0.0]
+    changed, skipped, _ = run(float("inf"), tmp_path / "off")  # how the command line turns a recipe's skip off
+    assert changed and skipped == []
 
 
 @pytest.mark.parametrize(
@@ -264,13 +294,21 @@ def test_paper_recipe_loss_gate_and_coefficients(name):
     assert model_args.model_name_or_path == model and script_args.dataset_name == "openr1_math_46k"
     # switch gate on the number of solved rollouts (switch_gate=0 or 2 of 8), no middle band (switch_gate_off=gate)
     assert (args.algorithm, args.gate, args.gamma, args.gamma_off) == ("hpt", "switch", gamma, None)
-    assert (args.success_threshold, args.sft_loss_coef, args.performance_reward) == (1.0, sft_loss_coef, "math_accuracy_reward")
+    assert (args.success_threshold, args.sft_loss_coef, args.performance_reward) == (
+        1.0,
+        sft_loss_coef,
+        "math_accuracy_reward",
+    )
     # Dr. GRPO (grpo_use_std=False, loss_remove_token_mean=True), no KL, no clipping (loss_remove_clip=True): the ratio
     # is never clamped, since clamp(r, 1 - 1, 1 + 1e9) = r
     assert (args.loss_type, args.scale_rewards, args.beta, args.epsilon) == ("dr_grpo", "none", 0.0, 1.0)
     assert args.epsilon_high >= 1e9
     # entropy_coeff=0.001 and their SFT token mean, over their micro-batches (8 GPUs, 32768 tokens per micro-batch)
-    assert (args.entropy_coef, args.entropy_weighting, args.sft_weighting) == (0.001, "authors_packing", "authors_packing")
+    assert (args.entropy_coef, args.entropy_weighting, args.sft_weighting) == (
+        0.001,
+        "authors_packing",
+        "authors_packing",
+    )
     assert (args.authors_num_gpus, args.authors_max_tokens_per_gpu) == (AUTHORS_GPUS, 32768)
     assert (args.max_completion_length, args.max_demonstration_length, args.temperature) == (8192, 8192, 1.0)
     # AdamW lr 5e-6 constant without warmup, weight decay 0.01 (veRL's default); no vLLM sampling correction
@@ -291,6 +329,11 @@ def test_paper_recipe_clipping_is_theirs_in_our_gradient_scale(name):
     assert args.adam_epsilon * scale == pytest.approx(1e-8)  # torch AdamW's eps, so that Adam sees their gradient
     skip = PAPER_RUNS[name][3]
     assert args.skip_update_above_grad_norm == (None if skip is None else pytest.approx(skip / scale))
+    # under DeepSpeed, which cannot skip, the command line turns it off
+    _, args, _ = parse_args(
+        ["--config", str(RECIPES / name), "--use_cpu", "true", "--skip_update_above_grad_norm", "inf"]
+    )
+    assert args.skip_update_above_grad_norm == float("inf")
 
 
 def _fixture_row():
@@ -303,8 +346,13 @@ def _prompt_trainer(tmp_path, name, tokenizer):
     script_args.dataset_name, script_args.data_files = None, str(FIXTURES / "openr1_math_46k.jsonl")
     dataset, _ = load_datasets(script_args, ModelConfig(model_name_or_path="tiny"))
     config = tiny_args(tmp_path, gamma=args.gamma, chat_template_path=args.chat_template_path)
-    trainer = HPTTrainer(model=build_tiny_model(tokenizer), reward_funcs=mixed_reward, args=config,
-                         train_dataset=dataset, processing_class=tokenizer)
+    trainer = HPTTrainer(
+        model=build_tiny_model(tokenizer),
+        reward_funcs=mixed_reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     return trainer, dataset[0]
 
 
@@ -338,7 +386,9 @@ def test_llama_recipe_prompts_and_demonstrations_are_the_authors_token_for_token
     trainer, row = _prompt_trainer(tmp_path, "llama-3.1-8b.yaml", tokenizer)
     raw = _fixture_row()
     suffix = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-    text = "Question:\n{prompt}\nAnswer:\nLet's think step by step.".format(prompt=raw["prompt"][-1]["content"] + suffix)
+    text = "Question:\n{prompt}\nAnswer:\nLet's think step by step.".format(
+        prompt=raw["prompt"][-1]["content"] + suffix
+    )
     ours = trainer._tokenize_prompts([row["prompt"]])[0][0]
     assert list(ours) == tokenizer(text, add_special_tokens=False)["input_ids"]
     demonstration = trainer.train_dataset[0][DEMONSTRATION_IDS_COLUMN]
@@ -349,19 +399,21 @@ def test_llama_recipe_prompts_and_demonstrations_are_the_authors_token_for_token
 def test_authors_packing_with_two_optimizer_steps_per_generation(tmp_path):
     # The recipes' layout in small: one generation batch of 4 prompts x 2 rollouts, 2 optimizer steps of 4 rollouts;
     # the replay cuts each of the authors' GPUs' rows into mini-batches of R / G = 4 / 2 = 2 rows
-    trainer = HPTTrainer(
-        model=build_tiny_model(tokenizer := build_tiny_tokenizer()),
-        reward_funcs=mixed_reward,
-        args=tiny_args(
-            tmp_path, gamma=0.0, max_steps=2, per_device_train_batch_size=4, steps_per_generation=2,
-            gradient_accumulation_steps=1, entropy_coef=0.01, sft_weighting="authors_packing",
-            entropy_weighting="authors_packing", authors_num_gpus=2, authors_max_tokens_per_gpu=1000,
-        ),
-        train_dataset=addition_dataset(),
-        processing_class=tokenizer,
+    trainer = make_trainer(
+        tmp_path,
+        gamma=0.0,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        steps_per_generation=2,
+        gradient_accumulation_steps=1,
+        entropy_coef=0.01,
+        sft_weighting="authors_packing",
+        entropy_weighting="authors_packing",
+        authors_num_gpus=2,
+        authors_max_tokens_per_gpu=1000,
     )
     assert trainer._authors_rows_per_mini_batch == 2
-    (_, output), = run_and_capture(trainer)
+    ((_, output),) = run_and_capture(trainer)
     assert trainer.state.global_step == 2
     # 2 demonstrations and the 4 kept rollouts, padded to 8 rows and spread over 2 GPUs: each GPU's 3 rows make 2
     # mini-batches of one micro-batch each (1000 tokens); the oracle says which demonstrations share one
@@ -378,11 +430,7 @@ def test_authors_packing_with_two_optimizer_steps_per_generation(tmp_path):
         for r in demos:
             assert output[DEMO_SFT_WEIGHT][r].item() == pytest.approx(output[DEMO_MASK][r].sum().item() / tokens)
     total = output[DEMO_SFT_WEIGHT][demo_rows].sum().item()
-    assert logged_values(trainer, "hpt/authors_sft_weight") == [pytest.approx(total)]
-
-
-def logged_values(trainer, key):
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
+    assert logged(trainer, "hpt/authors_sft_weight") == [pytest.approx(total)]
 
 
 @pytest.mark.slow
@@ -392,8 +440,18 @@ def test_authors_packing_and_skip_under_two_ddp_processes(tmp_path):
     from test_distributed import run as run_worker
 
     options = [
-        "--sft_weighting", "authors_packing", "--entropy_weighting", "authors_packing", "--entropy_coef", "0.01",
-        "--authors_num_gpus", "2", "--authors_max_tokens_per_gpu", "64", "--skip_update_above_grad_norm", "1e6",
+        "--sft_weighting",
+        "authors_packing",
+        "--entropy_weighting",
+        "authors_packing",
+        "--entropy_coef",
+        "0.01",
+        "--authors_num_gpus",
+        "2",
+        "--authors_max_tokens_per_gpu",
+        "64",
+        "--skip_update_above_grad_norm",
+        "1e6",
     ]
     results = run_worker(tmp_path, "ddp", *options)
     assert [r["num_processes"] for r in results] == [2, 2] and all(r["global_step"] == 3 for r in results)
