@@ -31,8 +31,6 @@ INTEGER_FIELDS = (
     "steps_per_generation",
     "num_iterations",
     "seed",
-    "authors_num_gpus",
-    "authors_max_tokens_per_gpu",
 )
 
 
