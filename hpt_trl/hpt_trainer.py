@@ -173,7 +173,7 @@ class HPTTrainer(GRPOTrainer):
     Metrics (in the usual Trainer logs): `hpt/sft_fraction` (share of prompts gated in the generation batch),
     `hpt/performance_mean` (mean P), `hpt/estimator/{rl,sft,mixed,middle,luffy,srft}` (share of prompts per
     estimator), `hpt/demo_tokens` (SFT demonstration tokens in the generation batch), `hpt/sft_loss` (token-mean NLL
-    of the demonstrations) and `hpt/rl_loss` (TRL's loss); with `sft_weighting="authors_packing"`,
+    of the demonstrations) and `hpt/rl_loss` (TRL's loss); with either `"authors_packing"` option,
     `hpt/authors_sft_weight` (total SFT weight of the generation batch, in demonstrations), and with
     `skip_update_above_grad_norm`, `hpt/skipped_update` (1 for a skipped optimizer step). Every gate decision is also kept in `trainer.gate_history`
     and written to `output_dir/hpt_gate.jsonl`, crash-safe: a resumed run's log holds exactly the records before its
