@@ -1,6 +1,7 @@
 import copy
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -57,6 +58,10 @@ def _check_finite(name: str, value, minimum: float | None = None, strictly: bool
 
 
 ALGORITHMS = ("hpt", "sft", "grpo", "luffy", "srft")
+PACKING_RULES = {
+    "sft_weighting": ("per_demonstration", "authors_packing"),
+    "entropy_weighting": ("trl", "authors_packing"),
+}
 GATES = ("switch", "linear")
 
 
@@ -159,6 +164,36 @@ class HPTConfig(GRPOConfig):
             an error where it is not exact; `False`: off. While it is on, TRL's rollout metrics computed in the loss
             (`entropy`, `clip_ratio/*`, ...) describe the rows that were run, so they are logged as
             `hpt/kept_rows/<name>` instead (entropy missing where no row was run).
+
+        > Reproducing the authors' runs (see `docs/reproducing.md`)
+
+        sft_weighting (`str`, *optional*, defaults to `"per_demonstration"`):
+            How much a gated prompt's demonstration weighs. `"per_demonstration"`: each weighs `sft_loss_coef`
+            full-length rollouts with advantage 1, whatever the batching (split-invariant). `"authors_packing"`: the
+            authors' weight under their packing, where the SFT term is a token mean over the demonstrations of one
+            micro-batch, so demonstrations that share a micro-batch share one unit of weight; which share one is
+            replayed from the generation batch's lengths with their token-balanced partitions over
+            `authors_num_gpus` GPUs and `authors_max_tokens_per_gpu` tokens per micro-batch (`hpt_trl.balance`).
+            Only with `algorithm="hpt"`.
+        entropy_weighting (`str`, *optional*, defaults to `"trl"`):
+            `"trl"`: TRL's entropy bonus (`entropy_coef` times a token mean over the micro-batch's rollout tokens in the
+            loss). `"authors_packing"`: the authors' bonus, `entropy_coef` times a token mean over all response tokens
+            of each of their micro-batches (kept rollouts and demonstrations, replayed as for `sft_weighting`), in the
+            RL term's scale (a micro-batch's mean weighs as one full-length rollout). Only with `algorithm="hpt"`.
+        authors_num_gpus (`int`, *optional*, defaults to `8`):
+            Data-parallel size of the authors' run that `"authors_packing"` replays.
+        authors_max_tokens_per_gpu (`int`, *optional*, defaults to `32768`):
+            Their `ppo_max_token_len_per_gpu` (tokens per micro-batch with `use_dynamic_bsz`).
+        skip_update_above_grad_norm (`float` or `None`, *optional*, defaults to `None`):
+            Skip an optimizer step (no parameter, moment or weight-decay update) when the gradient norm before
+            clipping is above this value, as the authors' Qwen2.5-Math-7B run does (`max_grad_norm=80` there, in their
+            gradient scale). `None` or `inf` (`--skip_update_above_grad_norm inf` on the command line): never skip.
+            Not with DeepSpeed (it clips and steps itself).
+        chat_template_path (`str` or `None`, *optional*, defaults to `None`):
+            A Jinja chat template file that replaces the tokenizer's: conversational prompts (and the end-of-turn token
+            of demonstrations) are rendered with it. The LLaMA recipe uses it for the authors' scaffold
+            `Question:\n{problem}\nPlease reason step by step...\nAnswer:\nLet's think step by step.` without a BOS
+            token (their prompts are tokenized without special tokens). `None`: the tokenizer's template.
     """
 
     # Paper defaults for the RL term (Dr. GRPO, no KL)
@@ -234,9 +269,42 @@ class HPTConfig(GRPOConfig):
         },
     )
 
+    # Reproducing the authors' runs (docs/reproducing.md); kept as one block
+    sft_weighting: str = field(
+        default="per_demonstration",
+        metadata={
+            "help": "'per_demonstration' (each demonstration weighs sft_loss_coef full-length rollouts) or "
+            "'authors_packing' (the authors' token mean over the demonstrations of each of their micro-batches).",
+            "choices": PACKING_RULES["sft_weighting"],
+        },
+    )
+    entropy_weighting: str = field(
+        default="trl",
+        metadata={
+            "help": "'trl' (TRL's entropy bonus) or 'authors_packing' (entropy_coef times a token mean over all "
+            "response tokens, demonstrations included, of each of the authors' micro-batches).",
+            "choices": PACKING_RULES["entropy_weighting"],
+        },
+    )
+    authors_num_gpus: int = field(
+        default=8, metadata={"help": "GPUs of the authors' run replayed by 'authors_packing'."}
+    )
+    authors_max_tokens_per_gpu: int = field(
+        default=32768, metadata={"help": "Tokens per micro-batch of the authors' run (ppo_max_token_len_per_gpu)."}
+    )
+    skip_update_above_grad_norm: float | None = field(
+        default=None,
+        metadata={"help": "Skip the optimizer step when the gradient norm before clipping is above this. None: never."},
+    )
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={"help": "Jinja chat template file that replaces the tokenizer's for prompts and demonstrations."},
+    )
+
     def __post_init__(self):
         _check_integer_fields(self)  # before GRPOConfig does arithmetic with them
         super().__post_init__()
+        self._check_reproduction_options()
         check_gamma(self.gamma)
         # NaN, inf or negative values here train silently wrong (a negative SFT coefficient is gradient ascent)
         _check_finite("sft_loss_coef", self.sft_loss_coef, minimum=0.0)
@@ -310,6 +378,26 @@ class HPTConfig(GRPOConfig):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in sorted(self.to_dict().items()))})"
 
     __str__ = __repr__
+
+    def _check_reproduction_options(self) -> None:
+        """The options of `docs/reproducing.md` (one block, apart from the other checks)."""
+        for name, allowed in PACKING_RULES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
+            if getattr(self, name) == "authors_packing" and self.algorithm != "hpt":
+                raise ValueError(
+                    f"`{name}='authors_packing'` replays the authors' HPT batching; it needs algorithm='hpt', got "
+                    f"{self.algorithm!r}."
+                )
+        for name in ("authors_num_gpus", "authors_max_tokens_per_gpu"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        threshold = self.skip_update_above_grad_norm
+        if threshold is not None and threshold != math.inf:  # inf: never skip (how the command line turns it off)
+            _check_finite("skip_update_above_grad_norm", threshold, minimum=0.0, strictly=True)
+        if self.chat_template_path is not None and not os.path.isfile(self.chat_template_path):
+            raise ValueError(f"`chat_template_path` {self.chat_template_path!r} is not a file.")
 
     @property
     def trains_demonstrations(self) -> bool:

@@ -14,7 +14,7 @@ from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 from trl.trainer.utils import RepeatSampler, get_callable_name, get_config_model_id
 
-from .balance import demonstration_sft_loss, rollout_normalizer
+from .balance import authors_packing, demonstration_sft_loss, rollout_normalizer
 from .dataset_checks import check_training_data
 from .demonstrations import (
     check_demonstration_tokens,
@@ -46,6 +46,9 @@ DEMO_IDS = "hpt_demo_ids"  # (rows, length) demonstration token ids, right-padde
 DEMO_MASK = "hpt_demo_mask"  # (rows, length) 1 on demonstration tokens
 DEMO_SFT_WEIGHT = "hpt_demo_sft_weight"  # (rows,) beta of the row's demonstration, 0 if none
 DEMO_ADVANTAGE = "hpt_demo_advantage"  # (rows,) advantage of the row's demonstration in off-policy RL, 0 if none
+# entropy_weighting="authors_packing": 1 / response tokens of the row's (or its demonstration's) authors' micro-batch
+ROLLOUT_ENTROPY_WEIGHT = "hpt_rollout_entropy_weight"  # (rows,)
+DEMO_ENTROPY_WEIGHT = "hpt_demo_entropy_weight"  # (rows,)
 
 
 def _reward_func_name(reward_func) -> str:
@@ -199,7 +202,9 @@ class HPTTrainer(GRPOTrainer):
     Metrics (in the usual Trainer logs): `hpt/sft_fraction` (share of prompts gated in the generation batch),
     `hpt/performance_mean` (mean P), `hpt/estimator/{rl,sft,mixed,middle,luffy,srft}` (share of prompts per
     estimator), `hpt/demo_tokens` (SFT demonstration tokens in the generation batch), `hpt/sft_loss` (token-mean NLL
-    of the demonstrations) and `hpt/rl_loss` (TRL's loss). Every gate decision is also kept in `trainer.gate_history`
+    of the demonstrations) and `hpt/rl_loss` (TRL's loss); with either `"authors_packing"` option,
+    `hpt/authors_sft_weight` (total SFT weight of the generation batch, in demonstrations), and with
+    `skip_update_above_grad_norm`, `hpt/skipped_update` (1 for a skipped optimizer step). Every gate decision is also kept in `trainer.gate_history`
     and written to `output_dir/hpt_gate.jsonl`, crash-safe: a resumed run's log holds exactly the records before its
     checkpoint's step, and a fresh run moves an earlier run's log to `hpt_gate.jsonl.old` (see `hpt_trl.gate_log`).
     """
@@ -256,6 +261,9 @@ class HPTTrainer(GRPOTrainer):
             _resolve_correctness_reward([_reward_func_name(f) for f in funcs], funcs, args, uses_performance)
 
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, **kwargs)
+        if args.chat_template_path is not None:  # before anything renders a prompt or a demonstration
+            with open(args.chat_template_path, encoding="utf-8") as file:
+                self._tokenizer.chat_template = self.processing_class.chat_template = file.read()
 
         self._performance_index, self._success_threshold = _resolve_correctness_reward(
             self.reward_func_names, self.reward_funcs, args, uses_performance, log=True
@@ -280,6 +288,34 @@ class HPTTrainer(GRPOTrainer):
         # before the checkpoint's step), appended one synced line per generation batch
         self.gate_log = GateLog(os.path.join(args.output_dir, GATE_LOG_NAME), enabled=self.accelerator.is_main_process)
         self.add_callback(GateLogCallback(self.gate_log))
+        self._setup_reproduction_options(args)
+
+    def _setup_reproduction_options(self, args: HPTConfig) -> None:
+        """`sft_weighting`/`entropy_weighting="authors_packing"` and `skip_update_above_grad_norm`
+        (`docs/reproducing.md`)."""
+        self._replays_authors_packing = "authors_packing" in (args.sft_weighting, args.entropy_weighting)
+        rows_per_step = (
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * self.accelerator.num_processes
+        )
+        if self._replays_authors_packing and rows_per_step % args.authors_num_gpus:
+            raise ValueError(
+                f"'authors_packing' splits each optimizer step's {rows_per_step} rollouts over authors_num_gpus="
+                f"{args.authors_num_gpus} GPUs; make per_device_train_batch_size * gradient_accumulation_steps * "
+                "processes a multiple of it."
+            )
+        self._authors_rows_per_mini_batch = rows_per_step // args.authors_num_gpus
+        # The authors' entropy bonus replaces TRL's (TRL 1.16 `GRPOTrainer._compute_loss` adds it when this is set)
+        self._authors_entropy_coef = args.entropy_coef if args.entropy_weighting == "authors_packing" else 0.0
+        if self._authors_entropy_coef:
+            self._entropy_bonus_enabled = False
+        self._captured_entropies: list | None = None
+        threshold = args.skip_update_above_grad_norm
+        self._skip_threshold = threshold if threshold is not None and math.isfinite(threshold) else None
+        if self._skip_threshold is not None and self.is_deepspeed_enabled:
+            raise ValueError(
+                "`skip_update_above_grad_norm` cannot be used with DeepSpeed, which clips and steps the optimizer inside "
+                "its engine: launch with FSDP or DDP, or turn it off with `--skip_update_above_grad_norm inf`."
+            )
 
     def _resolve_skip_zero_loss_rows(self, args: HPTConfig) -> bool:
         """`skip_zero_loss_rows`: None turns it on wherever the update stays exact (the config's settings and a dense
@@ -364,6 +400,12 @@ class HPTTrainer(GRPOTrainer):
         # transformers' Trainer computes the (all-reduced) gradient norm right before the optimizer step: a NaN or inf
         # here stops training on every process before the update reaches the weights or a checkpoint
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        threshold = self._skip_threshold
+        if threshold is not None and grad_norm is not None and math.isfinite(float(grad_norm)):
+            skipped = float(grad_norm) > threshold
+            if skipped:  # AdamW leaves parameters without a gradient untouched: no step, no moments, no weight decay
+                self.optimizer.zero_grad(set_to_none=True)
+            self._metrics["train"]["hpt/skipped_update"].append(float(skipped))
         if grad_norm is not None and not math.isfinite(float(grad_norm)):
             losses = {
                 key: values[-1]
@@ -426,6 +468,10 @@ class HPTTrainer(GRPOTrainer):
             loss_mask = output.get("tool_mask")
             loss_mask = torch.ones_like(output["completion_mask"]) if loss_mask is None else loss_mask
             output["tool_mask"] = loss_mask * row_weights.unsqueeze(1).to(device)
+        packing_sft, demo_entropy = None, None
+        if self._replays_authors_packing:
+            packing_sft, rollout_entropy, demo_entropy = self._replay_authors_packing(inputs, output, plan, global_rows)
+            output[ROLLOUT_ENTROPY_WEIGHT] = rollout_entropy[global_rows].to(device)
         if plan.rollout_advantages is not None:
             override = plan.rollout_advantages.reshape(-1)[global_rows].to(device)
             output["advantages"] = torch.where(torch.isnan(override), output["advantages"], override)
@@ -441,12 +487,58 @@ class HPTTrainer(GRPOTrainer):
         owners = owns_demonstration.nonzero().squeeze(1).tolist()
         demo_ids, demo_mask = self._pad_demonstrations(inputs, owners, output["prompt_mask"].sum(dim=1).tolist())
         sft_weights = plan.sft_weights[prompt_of_row] * owns_demonstration
+        if self.args.sft_weighting == "authors_packing":
+            sft_weights = sft_weights * packing_sft[prompt_of_row]
         sft_tokens = (demo_mask.sum(dim=1) * (sft_weights > 0)).sum()
         metrics["hpt/demo_tokens"].append(self.accelerator.reduce(sft_tokens.to(device), reduction="sum").item())
         output[DEMO_IDS], output[DEMO_MASK] = demo_ids.to(device), demo_mask.to(device)
         output[DEMO_SFT_WEIGHT] = sft_weights.to(device)
         output[DEMO_ADVANTAGE] = (plan.demonstration_advantages[prompt_of_row] * owns_demonstration).to(device)
+        if demo_entropy is not None:
+            output[DEMO_ENTROPY_WEIGHT] = (demo_entropy[prompt_of_row] * owns_demonstration).to(device)
         return output
+
+    def _replay_authors_packing(self, inputs, output, plan: GatePlan, global_rows: torch.Tensor):
+        """The authors' micro-batches of this generation batch (`hpt_trl.balance.authors_packing`), from the lengths
+        gathered over the processes. Returns, on the CPU: per prompt, the SFT weight of its demonstration (1 where it
+        trains none); per global row, 1 / response tokens of its micro-batch (0 for a removed rollout); per prompt, the
+        same for its demonstration."""
+        n = self.num_generations
+        prompt_tokens = output["prompt_mask"].sum(dim=1).cpu()
+        response_tokens = output["completion_mask"].sum(dim=1).cpu()
+        first = (global_rows % n == 0) & plan.trains_demonstration[global_rows // n]
+        demo_tokens = torch.tensor(
+            [
+                len(self._demonstration_ids(example, self.args.max_demonstration_length)) if owner else 0
+                for example, owner in zip(inputs, first.tolist())
+            ]
+        )
+        local = torch.stack([prompt_tokens, response_tokens, demo_tokens], dim=1).to(self.accelerator.device)
+        prompt_tokens, response_tokens, demo_tokens = self.accelerator.gather(local).cpu().T
+        prompts = plan.trains_demonstration.nonzero().squeeze(1)
+        owners = prompts * n
+        packing = authors_packing(
+            (prompt_tokens + response_tokens).tolist(),
+            response_tokens.tolist(),
+            (plan.rollout_weights.reshape(-1) != 0).tolist(),
+            (prompt_tokens[owners] + demo_tokens[owners]).tolist(),
+            demo_tokens[owners].tolist(),
+            plan.gated[prompts].tolist(),
+            num_gpus=self.args.authors_num_gpus,
+            rows_per_mini_batch=self._authors_rows_per_mini_batch,
+            max_tokens_per_gpu=self.args.authors_max_tokens_per_gpu,
+        )
+
+        def inverse(tokens):
+            tokens = torch.tensor(tokens, dtype=torch.float32)
+            return torch.where(tokens > 0, 1.0 / tokens.clamp(min=1.0), torch.zeros_like(tokens))
+
+        sft = torch.ones(len(plan.labels))
+        sft[prompts] = torch.tensor(packing.sft_weights, dtype=torch.float32)
+        demo_entropy = torch.zeros(len(plan.labels))
+        demo_entropy[prompts] = inverse(packing.demonstration_micro_batch_tokens)
+        self._metrics["train"]["hpt/authors_sft_weight"].append(float(sum(packing.sft_weights)))
+        return sft, inverse(packing.rollout_micro_batch_tokens), demo_entropy
 
     def _has_demonstration(self, inputs: list[dict[str, Any]], num_prompts: int) -> torch.Tensor:
         """Per prompt of the generation batch, whether it has a demonstration (all do, unless
@@ -526,8 +618,14 @@ class HPTTrainer(GRPOTrainer):
             if loss is None:  # no rollout row was run: TRL logged nothing, the entropy of no rollout is missing
                 metrics["hpt/kept_rows/entropy"].append(math.nan)
         else:
+            authors_entropy = self._authors_entropy_coef and ROLLOUT_ENTROPY_WEIGHT in inputs
+            self._captured_entropies = [] if authors_entropy else None
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss_tokens = self._loss_mask(inputs).sum()
+            if authors_entropy:
+                weights = inputs["completion_mask"] * inputs[ROLLOUT_ENTROPY_WEIGHT].unsqueeze(1)
+                loss = loss - self._authors_entropy_bonus(self._captured_entropies[-1], weights, inputs)
+            self._captured_entropies = None
         self._relabel_rollout_metrics(metrics, logged, loss_tokens, kept_rows_only=skipping)
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0  # TRL's loss is scaled for GA
         rl_value = loss.detach() * scale if loss is not None else torch.zeros((), device=self.accelerator.device)
@@ -537,6 +635,33 @@ class HPTTrainer(GRPOTrainer):
             if demonstration_loss is not None:
                 loss = demonstration_loss if loss is None else loss + demonstration_loss
         return loss if loss is not None else self._zero_loss(model)
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        result = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if self._captured_entropies is not None:  # the rollouts' entropies, for entropy_weighting="authors_packing"
+            self._captured_entropies.append(result[1])
+        return result
+
+    def _authors_entropy_bonus(self, entropies: torch.Tensor, weights: torch.Tensor, inputs) -> torch.Tensor:
+        """The authors' entropy bonus of these rows: `entropy_coef` times each token's entropy over the response tokens
+        of its authors' micro-batch (`weights`), one micro-batch's mean weighing as one full-length rollout."""
+        return (
+            self._authors_entropy_coef
+            * (entropies * weights).sum()
+            * self.max_completion_length
+            / (self._rollout_normalizer(inputs))
+        )
+
+    def _rollout_normalizer(self, inputs):
+        return rollout_normalizer(
+            self.loss_type,
+            max_completion_length=self.max_completion_length,
+            per_device_batch_size=self.args.per_device_train_batch_size,
+            gradient_accumulation_steps=self.current_gradient_accumulation_steps,
+            steps_per_generation=self.args.steps_per_generation,
+            num_processes=self.accelerator.num_processes,
+            num_items_in_batch=inputs.get("num_items_in_batch"),
+        )
 
     @property
     def _processes_run_in_step(self) -> bool:
@@ -645,23 +770,16 @@ class HPTTrainer(GRPOTrainer):
         input_ids = torch.cat([inputs["prompt_ids"][rows], demo_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"][rows], demo_mask.long()], dim=1)
         srft = self.args.algorithm == "srft"
+        authors_entropy = bool(self._authors_entropy_coef) and DEMO_ENTROPY_WEIGHT in inputs
         logps, entropies, _ = self._get_per_token_logps_and_entropies(
             model,
             input_ids,
             attention_mask,
             demo_ids.size(1),
             batch_size=self.args.per_device_train_batch_size,
-            compute_entropy=srft,
+            compute_entropy=srft or authors_entropy,
         )
-        normalizer = rollout_normalizer(
-            self.loss_type,
-            max_completion_length=self.max_completion_length,
-            per_device_batch_size=self.args.per_device_train_batch_size,
-            gradient_accumulation_steps=self.current_gradient_accumulation_steps,
-            steps_per_generation=self.args.steps_per_generation,
-            num_processes=self.accelerator.num_processes,
-            num_items_in_batch=inputs.get("num_items_in_batch"),
-        )
+        normalizer = self._rollout_normalizer(inputs)
 
         sft_weight = inputs[DEMO_SFT_WEIGHT][rows]
         if srft:
@@ -674,6 +792,9 @@ class HPTTrainer(GRPOTrainer):
         if advantages.any():
             per_token = self._demonstration_preset.per_token_loss(logps, advantages=advantages)
             loss = loss + (per_token * demo_mask).sum() / normalizer
+        if authors_entropy:
+            weights = demo_mask * inputs[DEMO_ENTROPY_WEIGHT][rows].unsqueeze(1)
+            loss = loss - self._authors_entropy_bonus(entropies, weights, inputs)
 
         trained = demo_mask * (sft_weight > 0).unsqueeze(1)
         totals = self.accelerator.reduce(torch.stack([nll.detach().mul(trained).sum(), trained.sum()]), reduction="sum")

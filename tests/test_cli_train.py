@@ -62,26 +62,7 @@ def test_recipe_comments_launch_their_own_recipe_and_show_online_logging(tmp_pat
         assert parse_args(["--config", str(enabled), *ON_CPU])[1].report_to == ["trackio"], path.name
 
 
-def test_paper_recipe_qwen_7b():
-    script_args, args, model_args = recipe("qwen2.5-math-7b.yaml")
-    assert model_args.model_name_or_path == "Qwen/Qwen2.5-Math-7B"
-    assert script_args.dataset_name == "openr1_math_46k"
-    assert card_dataset_name(script_args) == "Elliott/Openr1-Math-46k-8192"
-    assert (args.gamma, args.num_generations, args.learning_rate) == (0.0, 8, 5e-6)
-    assert (args.max_completion_length, args.temperature, args.entropy_coef, args.max_steps) == (8192, 1.0, 0.001, 500)
-    assert (args.loss_type, args.scale_rewards, args.beta) == ("dr_grpo", "none", 0.0)
-    # 128 prompts per optimizer step on the 8 GPUs the recipe is written for
-    rollouts_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * 8
-    assert rollouts_per_step // args.num_generations == 128
-    assert args.steps_per_generation == args.gradient_accumulation_steps  # one generation per optimizer step
-
-
-def test_paper_recipes_1_5b_and_llama():
-    _, qwen, qwen_model = recipe("qwen2.5-math-1.5b.yaml")
-    assert qwen_model.model_name_or_path == "Qwen/Qwen2.5-Math-1.5B" and qwen.sft_loss_coef == 0.3 and qwen.gamma == 0.0
-    script_args, llama, llama_model = recipe("llama-3.1-8b.yaml")
-    assert llama_model.model_name_or_path == "meta-llama/Llama-3.1-8B" and llama.gamma == 0.25
-    assert script_args.prompt_template == "simple"
+# The paper recipes' settings: tests/test_reproducing.py (docs/reproducing.md)
 
 
 def test_lora_recipe():
