@@ -4,6 +4,7 @@ checkpoint written inside a generation buffer."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,3 +252,50 @@ def test_sigkill_inside_a_generation_buffer_then_resume_is_exact(tmp_path, buffe
     actual = load_file(tmp_path / "run" / "model.safetensors")
     for name, tensor in expected.items():
         torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_resume_inside_a_generation_buffer_under_ddp(tmp_path):
+    """2 processes, 2 optimizer steps per generation batch, resumed from checkpoint-3 (between the 2 steps of the
+    batch generated at step 2): each process trains step 3 on its own part of the buffered batch, so the gate log and
+    the model equal the uninterrupted run's."""
+    from test_distributed import REPO, _env, _free_port
+
+    options = [
+        *BUFFER_RESUME_OPTIONS[:-2],  # the recipe's reward: no kill
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "8",
+        "--steps_per_generation",
+        "2",
+        "--reward_funcs",
+        "helpers.mixed_reward",
+        "--output_dir",
+        str(tmp_path),
+    ]
+
+    def launch(*extra):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+        command += ["examples/accelerate_configs/ddp.yaml", "--num_processes", "2", "--mixed_precision", "no"]
+        command += ["--main_process_port", str(_free_port()), "-m", "hpt_trl.cli", "train", *options, *extra]
+        env = _env()
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env["PYTHONPATH"]])
+        process = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert process.returncode == 0, f"{process.stdout[-3000:]}\n{process.stderr[-6000:]}"
+
+    launch()
+    uninterrupted = load_file(tmp_path / "model.safetensors")
+    gate_log = (tmp_path / "hpt_gate.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in gate_log.splitlines()] == [0, 2]
+    for rank in (0, 1):  # each process's part of the batch generated at step 2
+        assert (tmp_path / "checkpoint-3" / f"hpt_generation_buffer-{rank}.pt").is_file()
+    (tmp_path / "model.safetensors").unlink()  # as if killed after checkpoint-3
+    for later in tmp_path.glob("checkpoint-4"):
+        shutil.rmtree(later)
+
+    launch("--resume_from_checkpoint", "true")
+    assert (tmp_path / "hpt_gate.jsonl").read_text() == gate_log  # step 3 generates nothing
+    resumed = load_file(tmp_path / "model.safetensors")
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=0, msg=name)
