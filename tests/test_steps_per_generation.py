@@ -259,7 +259,7 @@ def test_resume_inside_a_generation_buffer_under_ddp(tmp_path):
     """2 processes, 2 optimizer steps per generation batch, resumed from checkpoint-3 (between the 2 steps of the
     batch generated at step 2): each process trains step 3 on its own part of the buffered batch, so the gate log and
     the model equal the uninterrupted run's."""
-    from test_distributed import REPO, _env, _free_port
+    from test_distributed import train_under_ddp
 
     options = [
         *BUFFER_RESUME_OPTIONS[:-2],  # the recipe's reward: no kill
@@ -275,16 +275,7 @@ def test_resume_inside_a_generation_buffer_under_ddp(tmp_path):
         str(tmp_path),
     ]
 
-    def launch(*extra):
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-        command += ["examples/accelerate_configs/ddp.yaml", "--num_processes", "2", "--mixed_precision", "no"]
-        command += ["--main_process_port", str(_free_port()), "-m", "hpt_trl.cli", "train", *options, *extra]
-        env = _env()
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env["PYTHONPATH"]])
-        process = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-        assert process.returncode == 0, f"{process.stdout[-3000:]}\n{process.stderr[-6000:]}"
-
-    launch()
+    train_under_ddp(options)
     uninterrupted = load_file(tmp_path / "model.safetensors")
     gate_log = (tmp_path / "hpt_gate.jsonl").read_text()
     assert [json.loads(line)["step"] for line in gate_log.splitlines()] == [0, 2]
@@ -294,7 +285,7 @@ def test_resume_inside_a_generation_buffer_under_ddp(tmp_path):
     for later in tmp_path.glob("checkpoint-4"):
         shutil.rmtree(later)
 
-    launch("--resume_from_checkpoint", "true")
+    train_under_ddp(options, "--resume_from_checkpoint", "true")
     assert (tmp_path / "hpt_gate.jsonl").read_text() == gate_log  # step 3 generates nothing
     resumed = load_file(tmp_path / "model.safetensors")
     for name, tensor in uninterrupted.items():
