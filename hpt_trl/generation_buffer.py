@@ -60,7 +60,7 @@ def save_generation_buffer(
         "step": step,
         "generate_every": generate_every,
         "num_processes": num_processes,
-        "buffered_inputs": _to_cpu(buffered_inputs) if inside else None,
+        "buffered_inputs": _move(buffered_inputs, "cpu") if inside else None,
     }
     os.makedirs(checkpoint_dir, exist_ok=True)
     torch.save(state, generation_buffer_path(checkpoint_dir, process_index))
@@ -84,7 +84,8 @@ def load_generation_buffer(
                 "repeat the uninterrupted run."
             )
         return None
-    state = torch.load(path, map_location=device, weights_only=True)
+    # loaded on the CPU, then moved: `map_location` refuses devices such as DDP-on-CPU's `cpu:0`
+    state = torch.load(path, map_location="cpu", weights_only=True)
     saved = (state["num_processes"], state["generate_every"])
     if saved != (num_processes, generate_every):
         inside = state["buffered_inputs"] is not None
@@ -94,16 +95,15 @@ def load_generation_buffer(
             + (": it is not used, and the run generates new rollouts at the checkpoint's step." if inside else ".")
         )
         return None
-    return state["step"], state["buffered_inputs"]
+    return state["step"], _move(state["buffered_inputs"], device)
 
 
-def _to_cpu(buffered_inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{key: _value_to_cpu(value) for key, value in batch.items()} for batch in buffered_inputs]
-
-
-def _value_to_cpu(value):
+def _move(value, device):
+    """`value` (tensors in dicts, lists and tuples) with its tensors on `device`."""
     if torch.is_tensor(value):
-        return value.detach().cpu()
+        return value.detach().to(device)
+    if isinstance(value, dict):
+        return {key: _move(item, device) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_value_to_cpu(item) for item in value)
+        return type(value)(_move(item, device) for item in value)
     return value
