@@ -279,8 +279,6 @@ def test_resume_inside_a_generation_buffer_under_ddp(tmp_path):
     uninterrupted = load_file(tmp_path / "model.safetensors")
     gate_log = (tmp_path / "hpt_gate.jsonl").read_text()
     assert [json.loads(line)["step"] for line in gate_log.splitlines()] == [0, 2]
-    for rank in (0, 1):  # each process's part of the batch generated at step 2
-        assert (tmp_path / "checkpoint-3" / f"hpt_generation_buffer-{rank}.pt").is_file()
     (tmp_path / "model.safetensors").unlink()  # as if killed after checkpoint-3
     for later in tmp_path.glob("checkpoint-4"):
         shutil.rmtree(later)
@@ -290,3 +288,5 @@ def test_resume_inside_a_generation_buffer_under_ddp(tmp_path):
     resumed = load_file(tmp_path / "model.safetensors")
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=0, msg=name)
+    for rank in (0, 1):  # each process kept its part of the batch generated at step 2
+        assert (tmp_path / "checkpoint-3" / f"hpt_generation_buffer-{rank}.pt").is_file()
