@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 
 from hpt_trl import HPTTrainer
 from hpt_trl.demonstrations import demonstration_token_ids
+from hpt_trl.generation_buffer import generation_buffer_path, load_generation_buffer, save_generation_buffer
 from hpt_trl.tiny import build_tiny_model, build_tiny_tokenizer
 
 # 1. What each optimizer step trains
@@ -219,6 +220,28 @@ def _log_history(output_dir):
     """Per-step logs of `checkpoint-6` (the resumed run's state carries the logs of steps before its checkpoint)."""
     history = json.loads((output_dir / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
     return [{key: value for key, value in entry.items() if key not in TIMING_KEYS} for entry in history]
+
+
+def test_generation_buffer_round_trip_and_fallbacks(tmp_path, caplog):
+    buffer = [{"completion_ids": torch.arange(6).view(2, 3), "num_items_in_batch": torch.tensor(5), "images": None}] * 2
+    save_generation_buffer(str(tmp_path), 1, 2, step=7, generate_every=4, buffered_inputs=buffer)
+    step, restored = load_generation_buffer(str(tmp_path), 1, 2, generate_every=4, device="cpu")
+    assert step == 7 and len(restored) == 2 and restored[1]["images"] is None
+    assert torch.equal(restored[0]["completion_ids"], buffer[0]["completion_ids"])
+    assert restored[0]["num_items_in_batch"].item() == 5
+
+    # At a generation boundary the next micro-step generates: only the counter is kept
+    save_generation_buffer(str(tmp_path), 0, 2, step=8, generate_every=4, buffered_inputs=buffer)
+    assert load_generation_buffer(str(tmp_path), 0, 2, generate_every=4, device="cpu") == (8, None)
+
+    # Another number of processes, other steps per batch, or no file: not used, TRL regenerates, and the user is told
+    with caplog.at_level("WARNING", logger="hpt_trl.generation_buffer"):
+        assert load_generation_buffer(str(tmp_path), 1, 1, generate_every=4, device="cpu") is None
+        assert "written by 2 process(es)" in caplog.text and "not used" in caplog.text
+        assert load_generation_buffer(str(tmp_path), 1, 2, generate_every=2, device="cpu") is None
+        assert load_generation_buffer(str(tmp_path / "old"), 0, 1, generate_every=2, device="cpu") is None
+        assert "has no generation buffer" in caplog.text
+    assert generation_buffer_path("ckpt", 3) == os.path.join("ckpt", "hpt_generation_buffer-3.pt")
 
 
 @pytest.mark.slow
