@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 from trl.trainer.utils import RepeatSampler, get_callable_name, get_config_model_id
@@ -35,13 +36,15 @@ from .gate import (
     rollout_success,
 )
 from .gate_log import GATE_LOG_NAME, GateLog, GateLogCallback
+from .generation_buffer import load_generation_buffer, save_generation_buffer
 from .hpt_config import HPTConfig, check_gamma
 from .upge import PRESETS, get_preset, srft_advantages, srft_weights
 
 logger = logging.getLogger(__name__)
 
 # Keys HPT adds to TRL's generation batch. Per-row tensors ride along TRL's shuffle and micro-batch split; a
-# demonstration is stored on its prompt's first rollout's row.
+# demonstration is stored on its prompt's first rollout's row, and trained in the micro-batch (optimizer step) that
+# row lands in.
 DEMO_IDS = "hpt_demo_ids"  # (rows, length) demonstration token ids, right-padded
 DEMO_MASK = "hpt_demo_mask"  # (rows, length) 1 on demonstration tokens
 DEMO_SFT_WEIGHT = "hpt_demo_sft_weight"  # (rows,) beta of the row's demonstration, 0 if none
@@ -171,7 +174,11 @@ class HPTTrainer(GRPOTrainer):
     TRL's per-token loss mask (`tool_mask`), so TRL's normalizers are left unchanged, and its demonstration is trained
     once, by the process that holds the prompt's first rollout, as one row that weighs as much as one full-length
     rollout with advantage 1 (the authors' balance, see `hpt_trl.balance`). The update does not depend on how the
-    batch is split into micro-batches or processes.
+    batch is split into micro-batches or processes. With several optimizer steps per generation batch
+    (`steps_per_generation > gradient_accumulation_steps`, or `num_iterations > 1`) the gate is decided once per
+    batch, a demonstration is trained in the optimizer step that TRL's row shuffle gives its prompt's first rollout,
+    with the same weight, once per pass; a checkpoint written inside a batch keeps the batch, so resuming is exact
+    (docs/scaling.md).
 
     Example:
 
@@ -418,6 +425,44 @@ class HPTTrainer(GRPOTrainer):
                 "good ones. Check the rewards, the learning rate and sft_loss_coef."
             )
         return grad_norm
+
+    @property
+    def _generate_every(self) -> int:
+        """Micro-steps per generation batch, as in TRL 1.16's `GRPOTrainer._prepare_inputs`."""
+        return self.args.steps_per_generation * self.num_iterations
+
+    def _save_checkpoint(self, model, trial):
+        # Each process writes TRL's micro-step counter and generation buffer first, so that a checkpoint with a trainer
+        # state (written last) resumes inside a generation batch on the same rollouts (hpt_trl.generation_buffer).
+        # With one micro-step per generation batch every checkpoint is at a generation boundary: nothing to write.
+        if self._generate_every > 1 and not self.args.save_only_model:
+            checkpoint_dir = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            save_generation_buffer(
+                checkpoint_dir,
+                self.accelerator.process_index,
+                self.accelerator.num_processes,
+                self._step,
+                self._generate_every,
+                self._buffered_inputs,
+            )
+        super()._save_checkpoint(model, trial)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # Called by `Trainer.train` when it resumes, as TRL 1.16 restores its entropy controller here
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        restored = load_generation_buffer(
+            checkpoint,
+            self.accelerator.process_index,
+            self.accelerator.num_processes,
+            self._generate_every,
+            self.accelerator.device,
+        )
+        if restored is not None:
+            self._step, self._buffered_inputs = restored
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
         output = super()._generate_and_score_completions(inputs)

@@ -226,6 +226,32 @@ def test_lora_under_ddp(reference, tmp_path):
         torch.testing.assert_close(merged(**inputs).logits, peft_model(**inputs).logits, atol=1e-5, rtol=1e-5)
 
 
+def train_under_ddp(options, *extra):
+    """`hpt-trl train OPTIONS EXTRA` in 2 CPU processes under `ddp.yaml` (tests/ importable, for rewards by name)."""
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "examples/accelerate_configs/ddp.yaml",
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "hpt_trl.cli",
+        "train",
+        *options,
+        *extra,
+    ]
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env["PYTHONPATH"]])
+    process = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert process.returncode == 0, f"{process.stdout[-3000:]}\n{process.stderr[-6000:]}"
+
+
 def test_resume_under_ddp(tmp_path):
     """2 processes, interrupted after checkpoint-2 and resumed at an epoch boundary: same as uninterrupted."""
     options = [
@@ -240,35 +266,11 @@ def test_resume_under_ddp(tmp_path):
         str(tmp_path),
     ]
 
-    def launch(*extra):
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            "examples/accelerate_configs/ddp.yaml",
-            "--num_processes",
-            "2",
-            "--mixed_precision",
-            "no",
-            "--main_process_port",
-            str(_free_port()),
-            "-m",
-            "hpt_trl.cli",
-            "train",
-            *options,
-            *extra,
-        ]
-        env = _env()
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env["PYTHONPATH"]])
-        process = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-        assert process.returncode == 0, f"{process.stdout[-3000:]}\n{process.stderr[-6000:]}"
-
-    launch()
+    train_under_ddp(options)
     uninterrupted = load_file(tmp_path / "model.safetensors")
     gate_log = crash_after_checkpoint_2(tmp_path)  # then resume from the last checkpoint
     assert len(gate_log) == 4
-    launch("--resume_from_checkpoint", "true")
+    train_under_ddp(options, "--resume_from_checkpoint", "true")
     assert (tmp_path / "hpt_gate.jsonl").read_text().splitlines() == gate_log
     resumed = load_file(tmp_path / "model.safetensors")
     for name, tensor in uninterrupted.items():
