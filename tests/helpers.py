@@ -111,6 +111,18 @@ def rank_skewed_reward(prompts, completions, **kwargs):
     return [float(i % 2) if i // 2 < mixed_groups else 1.0 for i in range(len(prompts))]
 
 
+def rank0_unsolved_reward(prompts, completions, **kwargs):
+    """0.0 on process 0 (with `gamma: 0` all its prompts go to SFT, none of its rollouts has a non-zero advantage);
+    on the others 0 and 1 alternating in the first group of 2 rollouts and 1.0 elsewhere (one RL prompt with a
+    non-zero advantage, no demonstration): process 0 runs the RL loss on zero-loss rows, process 1 the demonstration
+    pass on a zero-weight placeholder row."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        return [0.0] * len(prompts)
+    return [float(i % 2) if i < 2 else 1.0 for i in range(len(prompts))]
+
+
 def count_rollout_passes(trainer) -> list[int]:
     """Run `trainer.train()` and return the batch size of every forward pass through TRL's rollout loss."""
     from trl import GRPOTrainer

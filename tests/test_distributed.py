@@ -1,5 +1,5 @@
-"""HPT under the launchers users already use: DDP and DeepSpeed ZeRO-2/3 (and ZeRO-3 with CPU offload), 2 processes;
-FSDP1 and FSDP2 on 2 GPUs (skipped on CPU, where accelerate cannot run FSDP).
+"""HPT under the launchers users already use: DDP, DeepSpeed ZeRO-2/3 (and ZeRO-3 with CPU offload), FSDP1 and FSDP2,
+2 CPU processes each (FSDP through the test-only `tests/fsdp_on_cpu.py`: Accelerate runs FSDP only on accelerators).
 
 Each test launches `accelerate launch --config_file examples/accelerate_configs/NAME.yaml --num_processes 2` on the
 tiny CPU recipe (two CPU processes, gloo backend; see docs/scaling.md) through `tests/distributed_worker.py`, and
@@ -13,13 +13,14 @@ The reward (`helpers.half_solved_reward`) depends only on the prompt, so the gat
 two processes sample other completions than the single process does. It also gives every RL rollout a zero advantage,
 so the update is the SFT update on the gated demonstrations, which does not depend on the sampled completions either:
 the trained parameters must then equal the 1-process ones up to float reduction order, which the tests check too.
-Under ZeRO-3 the demonstration forward pass must go through the DeepSpeed engine with sharded parameters.
+Under ZeRO-3 and FSDP the demonstration forward pass must go through the sharded model. See docs/distributed.md.
 
 The first DeepSpeed test builds DeepSpeed's CPU ops (about 1-2 minutes, cached in ~/.cache/torch_extensions).
 """
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -69,8 +70,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def run(output_dir, launcher=None, *options):
-    """Run the worker with 1 process (launcher None) or 2 under `accelerate launch`; return each rank's result."""
+def run(output_dir, launcher=None, *options, launch_options=()):
+    """Run the worker with 1 process (launcher None) or 2 under `accelerate launch` (with `launch_options`); return
+    each rank's result."""
     output_dir = str(output_dir)
     if launcher is None:
         command = [sys.executable, WORKER, *COMMON, "--per_device_train_batch_size", str(GLOBAL_BATCH)]
@@ -89,6 +91,7 @@ def run(output_dir, launcher=None, *options):
             "no",
             "--main_process_port",
             str(_free_port()),
+            *launch_options,
             WORKER,
             *COMMON,
             "--per_device_train_batch_size",
@@ -163,30 +166,106 @@ def test_two_processes_match_one(reference, tmp_path, launcher, distributed_type
         torch.testing.assert_close(state[name], tensor, atol=1e-5, rtol=0, msg=name)
 
 
-# accelerate 1.15 runs FSDP only on accelerators; checked on this CPU machine with the two configs below.
-FSDP_NEEDS_GPUS = (
-    "FSDP cannot run on CPU: with no GPU, accelerate keeps DistributedType.MULTI_CPU (DDP over gloo) whatever the "
-    "config says, so fsdp2.yaml silently runs DDP, and fsdp1.yaml (fsdp_sync_module_states: true) fails in "
-    "FullyShardedDataParallelPlugin.__post_init__ with 'RuntimeError: There are currently no available devices "
-    "found, must be one of XPU, CUDA, MLU, NPU, MUSA, or HPU.' Needs 2 GPUs."
-)
+# FSDP on CPU processes (tests/fsdp_on_cpu.py: Accelerate would otherwise run DDP), with what FSDP1 needs on CPU
+FSDP_LAUNCH_OPTIONS = {
+    "fsdp1": ["--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false"],
+    "fsdp2": [],
+}
+FSDP_MODULE = {"fsdp1": "FullyShardedDataParallel", "fsdp2": "FSDPLlamaForCausalLM"}  # FSDP2 shards in place
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason=FSDP_NEEDS_GPUS)
-@pytest.mark.parametrize("launcher, fsdp_version", [("fsdp1", 1), ("fsdp2", 2)])
-def test_two_gpu_processes_under_fsdp_match_one(reference, tmp_path, launcher, fsdp_version):
-    """FSDP1 and FSDP2 (examples/accelerate_configs/fsdp{1,2}.yaml), 2 GPU processes: the same per-step gate decisions
-    as the 1-process CPU run (the reward depends only on the prompt), training finishes, the saved model reloads."""
+@pytest.fixture(scope="module", params=["fsdp2", "fsdp1"])
+def fsdp(request, tmp_path_factory):
+    """examples/accelerate_configs/fsdp{1,2}.yaml on 2 CPU processes, `MAX_STEPS` steps with a checkpoint at step 2;
+    then the same run resumed from a copy of checkpoint-2 and its gate log (as if it had crashed after it)."""
+    launcher = request.param
+    output_dir = tmp_path_factory.mktemp(launcher)
+    checkpoints = ["--save_strategy", "steps", "--save_steps", "2"]
+    results = run(output_dir, launcher, "--fsdp_on_cpu", *checkpoints, launch_options=FSDP_LAUNCH_OPTIONS[launcher])
+    resumed_dir = tmp_path_factory.mktemp(f"{launcher}-resumed")
+    shutil.copytree(output_dir / "checkpoint-2", resumed_dir / "checkpoint-2")
+    shutil.copy(output_dir / "hpt_gate.jsonl", resumed_dir / "hpt_gate.jsonl")
+    resumed = run(
+        resumed_dir,
+        launcher,
+        "--fsdp_on_cpu",
+        *checkpoints,
+        "--resume_from_checkpoint",
+        "true",
+        launch_options=FSDP_LAUNCH_OPTIONS[launcher],
+    )
+    return launcher, results, output_dir, resumed, resumed_dir
+
+
+def test_two_cpu_processes_under_fsdp_match_one(reference, fsdp):
+    """FSDP1 and FSDP2, 2 CPU processes: the parameters are sharded, the demonstration forward pass goes through the
+    sharded model, and the gate decisions, `hpt/sft_fraction`, gate log and trained parameters equal the 1-process
+    run's. With `half_solved_reward` every rollout has a zero advantage, so every step trains the demonstrations only:
+    equal parameters mean the demonstrations' gradients went through FSDP's gathered layers and sharded optimizer."""
+    launcher, results, output_dir, _, _ = fsdp
     reference_result, reference_dir = reference
-    results = run(tmp_path, launcher, "--use_cpu", "false")
+    assert_same_gate(results, reference_result, reference_dir, output_dir)
+    expected = load_file(reference_dir / "model.safetensors")
+    layer_numel = sum(t.numel() for k, t in expected.items() if k.startswith("model.layers.0."))
     for result in results:
-        assert result["num_processes"] == 2 and result["global_step"] == MAX_STEPS
-        assert result["distributed_type"] == "DistributedType.FSDP" and result["fsdp_version"] == fsdp_version
-        assert result["sft_fraction"] == reference_result["sft_fraction"]
-        assert result["gate_history"] == reference_result["gate_history"]
-        assert len(result["demonstration_calls"]) == MAX_STEPS
-    assert (tmp_path / "hpt_gate.jsonl").read_text() == (reference_dir / "hpt_gate.jsonl").read_text()
-    assert_reloads_and_generates(tmp_path)
+        assert result["distributed_type"] == "DistributedType.FSDP", "Accelerate fell back to DDP"
+        assert result["fsdp_version"] == int(launcher[-1]) and result["is_fsdp_enabled"]
+        calls = result["demonstration_calls"]
+        assert len(calls) == MAX_STEPS  # every process runs the demonstration pass at every step
+        for call in calls:
+            assert call["module"] == FSDP_MODULE[launcher], call
+            # the first decoder layer: a shard on this process before the pass, gathered whole during it
+            assert 0 < call["layer_numel_before"] < layer_numel, call
+            assert call["layer_numels_during"] == [layer_numel], call
+            if launcher == "fsdp2":  # parameters are DTensor shards, plain tensors while gathered
+                assert all(call["layer_dtensor"]) and not any(call["layer_dtensor_during"][0]), call
+        if launcher == "fsdp2":
+            assert result["all_dtensor_after_training"]
+    assert sum(r["demonstration_calls"][0]["layer_numel_before"] for r in results) >= layer_numel
+
+    model = assert_reloads_and_generates(output_dir)
+    initial = load_file(reference_dir / "tiny-init" / "model.safetensors")
+    assert any((expected[k] - initial[k]).abs().max() > 1e-3 for k in expected), "the run must train"
+    state = model.state_dict()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, atol=1e-5, rtol=0, msg=name)
+
+
+def test_resume_under_fsdp_is_exact(fsdp):
+    """FSDP1 and FSDP2, 2 CPU processes, resumed from checkpoint-2 (a full state dict of the model and the sharded
+    optimizer): the same gate log and the same final parameters as the uninterrupted run."""
+    _, results, output_dir, resumed, resumed_dir = fsdp
+    assert all(r["global_step"] == MAX_STEPS and r["distributed_type"] == "DistributedType.FSDP" for r in resumed)
+    assert len(resumed[0]["demonstration_calls"]) == MAX_STEPS - 2  # only the steps after the checkpoint ran
+    assert (resumed_dir / "hpt_gate.jsonl").read_text() == (output_dir / "hpt_gate.jsonl").read_text()
+    uninterrupted = load_file(output_dir / "model.safetensors")
+    state = load_file(resumed_dir / "model.safetensors")
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(state[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_placeholder_and_zero_loss_passes_under_fsdp2_match_ddp(tmp_path):
+    """FSDP2 and DDP, 2 CPU processes, `helpers.rank0_unsolved_reward`: process 0 holds only SFT prompts (no rollout
+    with a non-zero advantage: it runs TRL's loss on zero-loss rows), process 1 one RL prompt and no demonstration (it
+    runs the demonstration pass on a zero-weight placeholder row). FSDP2 needs both passes on both processes; the
+    trained parameters equal the DDP run's, where the same rows are trained."""
+    options = ["--reward_funcs", "helpers.rank0_unsolved_reward", "--performance_reward", "rank0_unsolved_reward"]
+    ddp = run(tmp_path / "ddp", "ddp", *options)
+    fsdp2 = run(tmp_path / "fsdp2", "fsdp2", "--fsdp_on_cpu", *options)
+    for result in fsdp2:
+        assert result["distributed_type"] == "DistributedType.FSDP" and result["all_dtensor_after_training"]
+        assert result["sft_fraction"] == ddp[0]["sft_fraction"] == [0.5] * MAX_STEPS
+        assert result["skipped_rows_fraction"] == ddp[0]["skipped_rows_fraction"]
+        assert len(result["demonstration_calls"]) == MAX_STEPS  # on process 1, placeholder passes
+    half = GLOBAL_BATCH // 2 // 2  # prompts per process
+    for record in fsdp2[1]["gate_history"]:  # process 1's prompts are all on RL: it has no demonstration
+        assert all(record["gated"][:half]) and not any(record["gated"][half:])
+    expected = load_file(tmp_path / "ddp" / "model.safetensors")
+    initial = load_file(tmp_path / "ddp" / "tiny-init" / "model.safetensors")
+    assert any((expected[k] - initial[k]).abs().max() > 1e-3 for k in expected), "the run must train"
+    state = load_file(tmp_path / "fsdp2" / "model.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, atol=1e-5, rtol=0, msg=name)
 
 
 def test_lora_under_ddp(reference, tmp_path):
