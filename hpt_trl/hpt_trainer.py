@@ -33,6 +33,15 @@ from .gate import (
 )
 from .gate_log import GATE_LOG_NAME, GateLog, GateLogCallback
 from .hpt_config import HPTConfig, check_gamma
+from .reward_checks import ScoringWatch, checked_reward_func, warn_if_threshold_unreachable
+from .run_guard import (
+    RunGuard,
+    check_dataset_fills_a_generation_batch,
+    data_fingerprint,
+    disk_full_explained,
+    finished_step,
+    settings_of,
+)
 from .upge import PRESETS, get_preset, srft_advantages, srft_weights
 
 logger = logging.getLogger(__name__)
@@ -211,6 +220,8 @@ class HPTTrainer(GRPOTrainer):
         check_gamma(args.gamma)
         if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
             raise ValueError("The train dataset is empty: HPT needs prompts to sample rollouts for.")
+        if train_dataset is not None and hasattr(train_dataset, "__len__"):
+            check_dataset_fills_a_generation_batch(len(train_dataset), args)
         if isinstance(model, str):
             _check_model_path(model)
         trains_demonstrations = args.trains_demonstrations or gate_function is not None
@@ -226,6 +237,19 @@ class HPTTrainer(GRPOTrainer):
 
         self._performance_index, reason = resolve_performance_reward(self.reward_func_names, args.performance_reward)
         logger.info(reason)
+        # Rewards of a type TRL would misread (a dict's keys) stop with the function's name
+        self.reward_funcs = [
+            checked_reward_func(func, name) if callable(func) and not isinstance(func, torch.nn.Module) else func
+            for func, name in zip(self.reward_funcs, self.reward_func_names)
+        ]
+        correctness_name = self.reward_func_names[self._performance_index]
+        uses_performance = args.algorithm == "srft" or (args.algorithm == "hpt" and args.trains_demonstrations)
+        self._scoring_watch = ScoringWatch(correctness_name, args.success_threshold) if uses_performance else None
+        if uses_performance:
+            warn_if_threshold_unreachable(correctness_name, args.success_threshold)
+        # One run per output_dir, resumed only from its own complete checkpoints with its own settings
+        self.run_guard = RunGuard(args, is_main_process=self.accelerator.is_main_process)
+        self.finished_before_training = False  # set by `train` when the checkpoint was already at max_steps
         self._skip_zero_loss_rows = self._resolve_skip_zero_loss_rows(args)
         self._template_kwargs = dict(self.chat_template_kwargs)
         if self.tools:
@@ -246,6 +270,45 @@ class HPTTrainer(GRPOTrainer):
         # before the checkpoint's step), appended one synced line per generation batch
         self.gate_log = GateLog(os.path.join(args.output_dir, GATE_LOG_NAME), enabled=self.accelerator.is_main_process)
         self.add_callback(GateLogCallback(self.gate_log))
+
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        """`Trainer.train`, guarded by `hpt_trl.run_guard`: the output_dir is locked while training, `True`/"last"
+        resumes the newest complete checkpoint of this run, a resume with other settings or without optimizer state is
+        refused, and a checkpoint already at `max_steps` trains nothing."""
+        fingerprint = data_fingerprint(self.train_dataset, skip_columns=(DEMONSTRATION_IDS_COLUMN,))
+        settings = settings_of(self.args, fingerprint, list(self.reward_func_names))
+        checkpoint = self.run_guard.start(resume_from_checkpoint, settings)
+        try:
+            step = finished_step(checkpoint, self.args.max_steps) if checkpoint is not None else None
+            if step is not None:
+                return self._already_finished(checkpoint, step)
+            self.finished_before_training = False
+            return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+        finally:
+            self.run_guard.stop()
+
+    def _already_finished(self, checkpoint: str, step: int):
+        """Resuming a checkpoint at `max_steps`: load its weights and state (so that a final save writes them) and
+        train nothing."""
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        logger.warning(
+            f"{checkpoint} is at step {step} and max_steps={self.args.max_steps}: the run is already finished, nothing "
+            "to train. Raise max_steps to train further."
+        )
+        self.finished_before_training = True
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # those load a checkpoint only once prepared
+            self._load_from_checkpoint(checkpoint)
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        return TrainOutput(self.state.global_step, math.nan, {})
+
+    def _save_checkpoint(self, model, trial):
+        # The run record goes in first; a save that fails for lack of space says so, with the path
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        with disk_full_explained(folder):
+            self.run_guard.record_checkpoint(folder)
+            super()._save_checkpoint(model, trial)
 
     def _resolve_skip_zero_loss_rows(self, args: HPTConfig) -> bool:
         """`skip_zero_loss_rows`: None turns it on wherever the update stays exact (the config's settings and a dense
@@ -363,6 +426,9 @@ class HPTTrainer(GRPOTrainer):
             has_demonstration=self._has_demonstration(inputs, success.numel() // n),
         )
         plan = plan_gate(self.args.algorithm, batch, self._gate_settings)  # the same on every process
+        if self._scoring_watch is not None:
+            correctness = self._gathered_rewards_per_func[:, self._performance_index].cpu()
+            self._scoring_watch.observe(correctness, success.cpu(), self.state.global_step)
 
         # Rows of this process, as indices into the gathered generation batch (prompt g owns rows g*n ... g*n+n-1)
         start = self.accelerator.process_index * len(inputs)
