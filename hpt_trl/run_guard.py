@@ -35,6 +35,8 @@ import uuid
 from contextlib import contextmanager
 from typing import Any
 
+from .gate_log import GATE_LOG_NAME
+
 logger = logging.getLogger(__name__)
 
 RUN_RECORD_NAME = "hpt_run.json"
@@ -443,6 +445,12 @@ class RunGuard:
                 f"{', '.join(map(os.path.basename, foreign))} there belong to another run. Resume into the output_dir "
                 "of the checkpoint's run, or use another output_dir."
             )
+        current = read_run_record(self.args.output_dir)
+        gate_log = os.path.join(self.args.output_dir, GATE_LOG_NAME)
+        if current is not None and current["run_id"] != saved["run_id"] and os.path.exists(gate_log):
+            if self.is_main_process:  # the gate log there is another run's: the resumed run starts its own
+                os.replace(gate_log, gate_log + ".old")
+            logger.warning(f"Moved {gate_log}, the gate log of another run, to {gate_log}.old.")
         refused, logged = compare_settings(saved.get("settings", {}), settings)
         if refused:
             raise ValueError(

@@ -103,12 +103,20 @@ def test_a_fresh_run_into_a_directory_with_checkpoints_stops(tmp_path):
 
 
 def test_resume_never_mixes_two_runs(tmp_path):
-    """A checkpoint of run A resumed into an output_dir holding run B's checkpoints is refused."""
+    """A checkpoint of run A resumed into an output_dir holding run B's checkpoints is refused; into one holding only
+    run C's gate log, that log is moved aside (before, the resumed run kept C's records before its step)."""
     make_trainer(tmp_path / "a", save_strategy="steps", save_steps=1, max_steps=1).train()
     make_trainer(tmp_path / "b", save_strategy="steps", save_steps=1, max_steps=1).train()
     resumed = make_trainer(tmp_path / "b", save_strategy="steps", save_steps=1, max_steps=2)
     with pytest.raises(ValueError, match="would mix two runs: checkpoint-1 there belong to another run"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+
+    # An output_dir with another run's gate log but no checkpoint: that log is moved aside, not continued
+    make_trainer(tmp_path / "c", max_steps=1).train()
+    continued = make_trainer(tmp_path / "c", save_strategy="steps", save_steps=1, max_steps=2)
+    continued.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+    assert gate_steps(tmp_path / "c") == [1]
+    assert (tmp_path / "c" / "hpt_gate.jsonl.old").exists()
 
 
 @pytest.mark.slow
