@@ -71,7 +71,7 @@ def checked_reward_func(func: Callable, name: str) -> Callable:
         check_reward_output(name, output, len(kwargs.get("completions", ())))
         return output
 
-    if not hasattr(checked, "__name__"):  # a callable object: keep TRL's name for it
+    if not hasattr(func, "__name__"):  # a callable object: keep TRL's name for it
         checked.__name__ = name
     return checked
 

@@ -166,24 +166,30 @@ def test_a_second_run_into_a_locked_output_dir_stops_and_a_killed_holder_frees_i
 
 @pytest.mark.slow
 def test_two_runs_into_one_output_dir_at_once(tmp_path):
-    """Before: both exited 0 with an interleaved gate log. Now the second stops at once with a clear error."""
-    out = tmp_path / "run"
+    """Before: both exited 0 with an interleaved gate log. Now the second stops at once with a clear error. The first
+    run's reward waits (from step 1 on) until the second has ended, so that both really run at once."""
+    out, go = tmp_path / "run", tmp_path / "go"
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "hpt_trl.cli", "train", *RESUME_TRAIN_OPTIONS, "--max_steps", "12"]
-    first = subprocess.Popen([*command, "--output_dir", str(out)], env=environment, cwd=TESTS.parent,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    environment.update(HPT_WAIT_FOR=str(go), HPT_WAIT_AT_CALL="1")
+    command = [sys.executable, "-m", "hpt_trl.cli", "train", *RESUME_TRAIN_OPTIONS, "--output_dir", str(out)]
+    command += ["--reward_funcs", "killing_reward.waiting_reward"]
+    first = subprocess.Popen(command, env=environment, cwd=TESTS.parent, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.time() + 300
         while not (out / "hpt_gate.jsonl").exists() or not (out / "hpt_gate.jsonl").read_text():
             assert first.poll() is None and time.time() < deadline, "the first run ended before training"
             time.sleep(0.5)
-        second = run_cli(out, "--max_steps", "12")
+        second = run_cli(out)
         assert second.returncode != 0 and "Another run is training into output_dir" in second.stderr
-        assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
+        assert first.poll() is None  # still training
+        go.touch()
+        assert first.wait(timeout=600) == 0
     finally:
+        go.touch()
         if first.poll() is None:
             first.kill()
-    assert gate_steps(out) == list(range(12))
+    assert gate_steps(out) == [0, 1, 2, 3]
 
 
 # 4. Settings changed on resume
