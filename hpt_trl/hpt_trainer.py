@@ -182,6 +182,13 @@ class HPTTrainer(GRPOTrainer):
     of the demonstrations) and `hpt/rl_loss` (TRL's loss). Every gate decision is also kept in `trainer.gate_history`
     and written to `output_dir/hpt_gate.jsonl`, crash-safe: a resumed run's log holds exactly the records before its
     checkpoint's step, and a fresh run moves an earlier run's log to `hpt_gate.jsonl.old` (see `hpt_trl.gate_log`).
+
+    Long runs (see `hpt_trl.run_guard` and `docs/reliability.md`): the main process locks `output_dir` while training;
+    a fresh run refuses an `output_dir` holding checkpoints (unless `overwrite_output_dir`); `resume_from_checkpoint`
+    `True`/"last" takes the newest complete checkpoint; a resume with other settings, data or reward functions, or from
+    a checkpoint without optimizer state, is refused; a checkpoint at `max_steps` trains nothing. A reward function
+    that returns anything but numbers or `None` stops with its name, and a correctness reward that scores no rollout
+    for 5 generation batches in a row stops training (`hpt_trl.reward_checks`).
     """
 
     _tag_names = ["trl", "hpt"]

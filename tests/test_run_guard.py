@@ -405,3 +405,13 @@ def test_resume_last_after_a_kill_during_the_final_save_and_after_a_finished_run
         assert final.keys() == checkpoint.keys()
         for name in final:
             torch.testing.assert_close(final[name], checkpoint[name], msg=name)
+
+
+def test_other_save_errors_and_unrecorded_settings_pass_unchanged():
+    from hpt_trl.run_guard import compare_settings, explain_disk_full
+
+    assert explain_disk_full(RuntimeError("CUDA error: device-side assert triggered"), "/x/checkpoint-1") is None
+    assert explain_disk_full(OSError(errno.EACCES, "Permission denied"), "/x/checkpoint-1") is None
+    saved = {"gamma": 0.0, "training data": None, "max_steps": 4}  # a streaming dataset has no fingerprint
+    current = {"gamma": 0.0, "training data": {"rows": 3, "sha1": "ab"}, "max_steps": 8, "num_generations": 4}
+    assert compare_settings(saved, current) == ([], ["max_steps (4 in the checkpoint, 8 now)"])
