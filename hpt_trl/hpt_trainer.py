@@ -227,8 +227,6 @@ class HPTTrainer(GRPOTrainer):
         check_gamma(args.gamma)
         if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
             raise ValueError("The train dataset is empty: HPT needs prompts to sample rollouts for.")
-        if train_dataset is not None and hasattr(train_dataset, "__len__"):
-            check_dataset_fills_a_generation_batch(len(train_dataset), args)
         if isinstance(model, str):
             _check_model_path(model)
         trains_demonstrations = args.trains_demonstrations or gate_function is not None
@@ -236,6 +234,8 @@ class HPTTrainer(GRPOTrainer):
             train_dataset = validate_demonstrations(
                 train_dataset, args.demonstration_column, allow_missing=args.allow_missing_demonstrations
             )
+        if train_dataset is not None and hasattr(train_dataset, "__len__"):  # after the rows' own errors
+            check_dataset_fills_a_generation_batch(len(train_dataset), args)
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
         if reward_funcs is not None and all(callable(f) and not hasattr(f, "config") for f in funcs):
             resolve_performance_reward([get_callable_name(f) for f in funcs], args.performance_reward)
