@@ -150,6 +150,11 @@ class HPTConfig(GRPOConfig):
         luffy_shaping_gamma (`float`, *optional*, defaults to `0.1`):
             LUFFY's policy-shaping constant.
 
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Let a fresh run (no `resume_from_checkpoint`) start in an `output_dir` that holds checkpoints of an earlier
+            run: they are deleted first. Without it, such a run stops with an error, so that a later
+            `resume_from_checkpoint: last` never picks up another run's checkpoint (see `docs/reliability.md`).
+
         > Speed
 
         skip_zero_loss_rows (`bool` or `None`, *optional*, defaults to `None`):
@@ -261,6 +266,13 @@ class HPTConfig(GRPOConfig):
         default=False,
         metadata={"help": "Accept prompts without a demonstration (None or empty): they are never gated."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a fresh run in an output_dir that holds checkpoints of an earlier run, deleting them. "
+            "Without it, such a run stops with an error."
+        },
+    )
     skip_zero_loss_rows: bool | None = field(
         default=None,
         metadata={
@@ -303,6 +315,11 @@ class HPTConfig(GRPOConfig):
 
     def __post_init__(self):
         _check_integer_fields(self)  # before GRPOConfig does arithmetic with them
+        if self.max_steps == 0:
+            raise ValueError(
+                "`max_steps=0` would train nothing (transformers then falls back on num_train_epochs). Set max_steps > 0, "
+                "or -1 to train for num_train_epochs."
+            )
         super().__post_init__()
         self._check_reproduction_options()
         check_gamma(self.gamma)

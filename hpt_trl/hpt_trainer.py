@@ -38,6 +38,15 @@ from .gate import (
 from .gate_log import GATE_LOG_NAME, GateLog, GateLogCallback
 from .generation_buffer import load_generation_buffer, save_generation_buffer
 from .hpt_config import HPTConfig, check_gamma
+from .reward_checks import ScoringWatch, checked_reward_func, warn_if_threshold_unreachable
+from .run_guard import (
+    RunGuard,
+    check_dataset_fills_a_generation_batch,
+    data_fingerprint,
+    disk_full_explained,
+    finished_step,
+    settings_of,
+)
 from .upge import PRESETS, get_preset, srft_advantages, srft_weights
 
 logger = logging.getLogger(__name__)
@@ -214,6 +223,13 @@ class HPTTrainer(GRPOTrainer):
     `skip_update_above_grad_norm`, `hpt/skipped_update` (1 for a skipped optimizer step). Every gate decision is also kept in `trainer.gate_history`
     and written to `output_dir/hpt_gate.jsonl`, crash-safe: a resumed run's log holds exactly the records before its
     checkpoint's step, and a fresh run moves an earlier run's log to `hpt_gate.jsonl.old` (see `hpt_trl.gate_log`).
+
+    Long runs (see `hpt_trl.run_guard` and `docs/reliability.md`): the main process locks `output_dir` while training;
+    a fresh run refuses an `output_dir` holding checkpoints (unless `overwrite_output_dir`); `resume_from_checkpoint`
+    `True`/"last" takes the newest complete checkpoint; a resume with other settings, data or reward functions, or from
+    a checkpoint without optimizer state, is refused; a checkpoint at `max_steps` trains nothing. A reward function
+    that returns anything but numbers or `None` stops with its name, and a correctness reward that scores no rollout
+    for 5 generation batches in a row stops training (`hpt_trl.reward_checks`).
     """
 
     _tag_names = ["trl", "hpt"]
@@ -262,6 +278,8 @@ class HPTTrainer(GRPOTrainer):
             train_dataset = validate_demonstrations(
                 train_dataset, args.demonstration_column, allow_missing=args.allow_missing_demonstrations
             )
+        if train_dataset is not None and hasattr(train_dataset, "__len__"):  # after the rows' own errors
+            check_dataset_fills_a_generation_batch(len(train_dataset), args)
         uses_performance = args.uses_performance or gate_function is not None
         if reward_funcs is not None:
             funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
@@ -275,6 +293,19 @@ class HPTTrainer(GRPOTrainer):
         self._performance_index, self._success_threshold = _resolve_correctness_reward(
             self.reward_func_names, self.reward_funcs, args, uses_performance, log=True
         )
+        # Rewards of a type TRL would misread (a dict's keys) stop with the function's name
+        self.reward_funcs = [
+            checked_reward_func(func, name) if callable(func) and not isinstance(func, torch.nn.Module) else func
+            for func, name in zip(self.reward_funcs, self.reward_func_names)
+        ]
+        self._scoring_watch = None
+        if uses_performance and self._performance_index is not None:
+            correctness_name = self.reward_func_names[self._performance_index]
+            self._scoring_watch = ScoringWatch(correctness_name, self._success_threshold)
+            warn_if_threshold_unreachable(correctness_name, self._success_threshold)
+        # One run per output_dir, resumed only from its own complete checkpoints with its own settings
+        self.run_guard = RunGuard(args, is_main_process=self.accelerator.is_main_process)
+        self.finished_before_training = False  # set by `train` when the checkpoint was already at max_steps
         self._skip_zero_loss_rows = self._resolve_skip_zero_loss_rows(args)
         self._template_kwargs = dict(self.chat_template_kwargs)
         if self.tools:
@@ -323,6 +354,38 @@ class HPTTrainer(GRPOTrainer):
                 "`skip_update_above_grad_norm` cannot be used with DeepSpeed, which clips and steps the optimizer inside "
                 "its engine: launch with FSDP or DDP, or turn it off with `--skip_update_above_grad_norm inf`."
             )
+
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        """`Trainer.train`, guarded by `hpt_trl.run_guard`: the output_dir is locked while training, `True`/"last"
+        resumes the newest complete checkpoint of this run, a resume with other settings or without optimizer state is
+        refused, and a checkpoint already at `max_steps` trains nothing."""
+        fingerprint = data_fingerprint(self.train_dataset, skip_columns=(DEMONSTRATION_IDS_COLUMN,))
+        settings = settings_of(self.args, fingerprint, list(self.reward_func_names))
+        checkpoint = self.run_guard.start(resume_from_checkpoint, settings)
+        try:
+            step = finished_step(checkpoint, self.args.max_steps) if checkpoint is not None else None
+            if step is not None:
+                return self._already_finished(checkpoint, step)
+            self.finished_before_training = False
+            return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+        finally:
+            self.run_guard.stop()
+
+    def _already_finished(self, checkpoint: str, step: int):
+        """Resuming a checkpoint at `max_steps`: load its weights and state (so that a final save writes them) and
+        train nothing."""
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        logger.warning(
+            f"{checkpoint} is at step {step} and max_steps={self.args.max_steps}: the run is already finished, nothing "
+            "to train. Raise max_steps to train further."
+        )
+        self.finished_before_training = True
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # those load a checkpoint only once prepared
+            self._load_from_checkpoint(checkpoint)
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        return TrainOutput(self.state.global_step, math.nan, {})
 
     def _resolve_skip_zero_loss_rows(self, args: HPTConfig) -> bool:
         """`skip_zero_loss_rows`: None turns it on wherever the update stays exact (the config's settings and a dense
@@ -432,22 +495,25 @@ class HPTTrainer(GRPOTrainer):
         return self.args.steps_per_generation * self.num_iterations
 
     def _save_checkpoint(self, model, trial):
-        # Each process writes TRL's micro-step counter and generation buffer first, so that a checkpoint with a trainer
-        # state (written last) resumes inside a generation batch on the same rollouts (hpt_trl.generation_buffer).
-        # With one micro-step per generation batch every checkpoint is at a generation boundary: nothing to write.
-        if self._generate_every > 1 and not self.args.save_only_model:
-            checkpoint_dir = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            save_generation_buffer(
-                checkpoint_dir,
-                self.accelerator.process_index,
-                self.accelerator.num_processes,
-                self._step,
-                self._generate_every,
-                self._buffered_inputs,
-            )
-        super()._save_checkpoint(model, trial)
+        # Before the Trainer's files (its trainer_state.json is written last, and marks a complete checkpoint): the run
+        # record (hpt_trl.run_guard) and, where a generation batch spans several micro-steps, each process's TRL
+        # micro-step counter and generation buffer, so that a resume inside the batch trains on the same rollouts
+        # (hpt_trl.generation_buffer). A save that fails for lack of space says so, with the path.
+        checkpoint_dir = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+        with disk_full_explained(checkpoint_dir):
+            self.run_guard.record_checkpoint(checkpoint_dir)
+            if self._generate_every > 1 and not self.args.save_only_model:
+                save_generation_buffer(
+                    checkpoint_dir,
+                    self.accelerator.process_index,
+                    self.accelerator.num_processes,
+                    self._step,
+                    self._generate_every,
+                    self._buffered_inputs,
+                )
+            super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # Called by `Trainer.train` when it resumes, as TRL 1.16 restores its entropy controller here
@@ -490,6 +556,9 @@ class HPTTrainer(GRPOTrainer):
             has_demonstration=self._has_demonstration(inputs, success.numel() // n),
         )
         plan = plan_gate(self.args.algorithm, batch, self._gate_settings)  # the same on every process
+        if self._scoring_watch is not None:
+            correctness = self._gathered_rewards_per_func[:, self._performance_index].cpu()
+            self._scoring_watch.observe(correctness, success.cpu(), self.state.global_step)
 
         # Rows of this process, as indices into the gathered generation batch (prompt g owns rows g*n ... g*n+n-1)
         start = self.accelerator.process_index * len(inputs)

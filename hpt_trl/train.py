@@ -381,19 +381,24 @@ def resolve_model(model_args: ModelConfig, training_args: HPTConfig) -> str:
     return path
 
 
-def resolve_checkpoint(training_args: HPTConfig) -> str | bool | None:
-    """`resume_from_checkpoint`: a checkpoint folder, or `true`/`last` for the last checkpoint in `output_dir`."""
-    value = training_args.resume_from_checkpoint
-    if isinstance(value, str) and value.lower() in ("true", "last"):
-        from transformers.trainer_utils import get_last_checkpoint
+def resolve_checkpoint(training_args: HPTConfig) -> str | None:
+    """`resume_from_checkpoint`: a checkpoint folder, or `true`/`last` for the newest complete checkpoint in
+    `output_dir` (a torn newer one is skipped with a warning, see `hpt_trl.run_guard`)."""
+    from .run_guard import resolve_resume
 
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if last is None:
-            raise ValueError(f"`resume_from_checkpoint={value}` but {training_args.output_dir} has no checkpoint.")
-        return last
-    if isinstance(value, str) and value.lower() in ("false", "none", ""):
-        return None
-    return value
+    return resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+
+
+def check_output_dir(training_args: HPTConfig, checkpoint: str | None) -> None:
+    """Before the model loads: a fresh run into an output_dir holding checkpoints stops (unless
+    `overwrite_output_dir`), and a resume needs the checkpoint's optimizer state. The trainer checks again, with the
+    settings, when training starts."""
+    from .run_guard import check_fresh_output_dir, check_optimizer_state
+
+    if checkpoint is None:
+        check_fresh_output_dir(training_args.output_dir, training_args.overwrite_output_dir)
+    else:
+        check_optimizer_state(checkpoint)
 
 
 def build_trainer(script_args: HPTScriptArguments, training_args: HPTConfig, model_args: ModelConfig):
@@ -407,6 +412,10 @@ def build_trainer(script_args: HPTScriptArguments, training_args: HPTConfig, mod
         script_args.prompt_template = _template(script_args, model_args)
     train_dataset, eval_dataset = load_datasets(script_args, model_args, need_eval=training_args.eval_strategy != "no")
     check_demonstration_column(train_dataset, training_args, describe_data_source(script_args))
+    if hasattr(train_dataset, "__len__"):
+        from .run_guard import check_dataset_fills_a_generation_batch
+
+        check_dataset_fills_a_generation_batch(len(train_dataset), training_args)
     reward_funcs = load_reward_funcs(script_args)
 
     model_path = resolve_model(model_args, training_args)
@@ -446,15 +455,28 @@ def save_merged_adapter(trainer, output_dir: str) -> str | None:
 
 
 def run(script_args: HPTScriptArguments, training_args: HPTConfig, model_args: ModelConfig):
-    """Train, save (and merge, and push) as `trl grpo` does; return the trainer."""
-    trainer = build_trainer(script_args, training_args, model_args)
-    trainer.train(resume_from_checkpoint=resolve_checkpoint(training_args))
-    trainer.accelerator.print("✅ Training completed.")
+    """Train, save (and merge, and push) as `trl grpo` does; return the trainer. The main process holds the lock of
+    `output_dir` from before the model loads until the final save is done (`hpt_trl.run_guard`)."""
+    from .run_guard import disk_full_explained, output_dir_lock
 
-    trainer.save_model(training_args.output_dir)
-    # trainer_state.json (the log history) in output_dir, also with `save_strategy: no`: `hpt-trl plot` reads it
-    trainer.save_state()
-    trainer.accelerator.print(f"💾 Model and trainer state saved to {training_args.output_dir}.")
+    with output_dir_lock(training_args.output_dir, enabled=training_args.process_index == 0):
+        checkpoint = resolve_checkpoint(training_args)
+        check_output_dir(training_args, checkpoint)
+        trainer = build_trainer(script_args, training_args, model_args)
+        trainer.train(resume_from_checkpoint=checkpoint)
+        distributed = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+        if trainer.finished_before_training and distributed:  # the model was not loaded from the checkpoint
+            trainer.accelerator.print(f"Nothing trained: the finished model is in {checkpoint}.")
+            return trainer
+        trainer.accelerator.print(
+            "✅ Training completed." if not trainer.finished_before_training else "Nothing to train."
+        )
+
+        with disk_full_explained(training_args.output_dir):
+            trainer.save_model(training_args.output_dir)
+            # trainer_state.json (the log history) in output_dir, also with `save_strategy: no`: `hpt-trl plot` reads it
+            trainer.save_state()
+        trainer.accelerator.print(f"💾 Model and trainer state saved to {training_args.output_dir}.")
     if script_args.merge_adapter and model_args.use_peft:
         trainer.accelerator.wait_for_everyone()
         merged = save_merged_adapter(trainer, training_args.output_dir)
