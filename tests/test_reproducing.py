@@ -345,7 +345,10 @@ def _prompt_trainer(tmp_path, name, tokenizer):
     script_args, args, _ = paper_recipe(name)
     script_args.dataset_name, script_args.data_files = None, str(FIXTURES / "openr1_math_46k.jsonl")
     dataset, _ = load_datasets(script_args, ModelConfig(model_name_or_path="tiny"))
-    config = tiny_args(tmp_path, gamma=args.gamma, chat_template_path=args.chat_template_path)
+    # one prompt per generation batch: the fixture file has 3 rows, fewer than tiny_args' 4-prompt batch
+    config = tiny_args(
+        tmp_path, gamma=args.gamma, chat_template_path=args.chat_template_path, per_device_train_batch_size=2
+    )
     trainer = HPTTrainer(
         model=build_tiny_model(tokenizer),
         reward_funcs=mixed_reward,
