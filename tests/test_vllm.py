@@ -140,3 +140,33 @@ def test_colocate_two_processes(model_dir, transformers_run, tmp_path):
     results = run(model_dir, output_dir, 2, *VLLM)
     assert all(r["num_processes"] == 2 and r["backend"] == "gloo" for r in results)
     assert_vllm_run_matches(results, output_dir, transformers_run, model_dir)
+
+
+def test_server_mode_generation(model_dir, transformers_run, tmp_path):
+    """`vllm_mode="server"` against vLLM's OpenAI server on 127.0.0.1, generation only: TRL's server-mode weight sync
+    needs CUDA, so the stand-in skips it and the server generates with the weights it loaded (docs/vllm.md). The gate
+    runs on the server's completions and gives the transformers run's decisions; the server's log-probabilities equal
+    the trainer's at the first step, before any update."""
+    port = free_port()
+    server_command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    server_command += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager"]
+    server_command += ["--logprobs-mode", "processed_logprobs", "--max-logprobs", "-1"]  # as `trl vllm-serve`
+    env = subprocess_env(VLLM_CPU_KVCACHE_SPACE="1", VLLM_SERVER_DEV_MODE="1")
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen(server_command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        output_dir = tmp_path / "vllm-server"
+        server_options = ["--use_vllm", "true", "--vllm_mode", "server"]
+        server_options += ["--vllm_server_base_url", f"http://127.0.0.1:{port}", "--vllm_server_timeout", "600"]
+        (result,) = run(model_dir, output_dir, 1, *server_options)
+    finally:
+        server.terminate()
+        server.wait(timeout=120)
+    reference, _ = transformers_run
+    assert result["global_step"] == MAX_STEPS
+    assert result["vllm_generate_calls"] == MAX_STEPS and result["transformers_generate_calls"] == 0
+    assert result["completions_match"] == [True] * MAX_STEPS
+    assert result["gate_history"] == reference["gate_history"]
+    assert result["sft_fraction"] == reference["sft_fraction"]
+    assert sum(logged(result, "hpt/demo_tokens")) > 0 and logged(result, "hpt/sft_loss")
+    assert logged(result, "sampling/sampling_logp_difference/max")[0] < LOGP_TOLERANCE  # before any update

