@@ -169,4 +169,6 @@ def test_server_mode_generation(model_dir, transformers_run, tmp_path):
     assert result["gate_history"] == reference["gate_history"]
     assert result["sft_fraction"] == reference["sft_fraction"]
     assert sum(logged(result, "hpt/demo_tokens")) > 0 and logged(result, "hpt/sft_loss")
-    assert logged(result, "sampling/sampling_logp_difference/max")[0] < LOGP_TOLERANCE  # before any update
+    first, *later = logged(result, "sampling/sampling_logp_difference/max")
+    assert first < LOGP_TOLERANCE  # before any update the server and the trainer hold the same weights
+    assert min(later) > LOGP_TOLERANCE  # then the unsynced server lags behind: the colocate tests' check would see it
