@@ -16,6 +16,9 @@ Checked against the same run with transformers generation (`use_vllm=False`):
 4. demonstrations are trained; since that reward gives every rollout a zero advantage, the update is the SFT update on
    the gated demonstrations, so the trained parameters equal the transformers run's too (to float reduction order).
 
+`test_server_mode_generation` runs `vllm_mode="server"` against vLLM's OpenAI server for generation only (TRL's
+server-mode weight sync needs CUDA).
+
 What differs, and why: the completions themselves (vLLM and transformers sample with different random streams), hence
 the completion-length metrics; and the IS-correction metrics (`sampling/*`), which only a vLLM run logs.
 """
