@@ -147,3 +147,32 @@ def project_url() -> str:
     urls = re.search(r"^\[project\.urls\]\n(.*?)(?=^\[)", text, flags=re.MULTILINE | re.DOTALL)
     assert urls, "pyproject.toml has no [project.urls]"
     return re.search(r'^Repository = "([^"]+)"', urls.group(1), flags=re.MULTILINE).group(1)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a test's training subprocess: offline, one thread, and this checkout's `hpt_trl` and `tests`
+    importable (the rewards the tests name, such as `helpers.half_solved_reward`)."""
+    import os
+
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_DISABLED="true",
+        ACCELERATE_DISABLE_RICH="1",
+        **extra,
+    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), str(repo / "tests"), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for `accelerate launch --main_process_port` or a server)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -19,16 +19,14 @@ The first DeepSpeed test builds DeepSpeed's CPU ops (about 1-2 minutes, cached i
 """
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import RESUME_TRAIN_OPTIONS, crash_after_checkpoint_2
+from helpers import RESUME_TRAIN_OPTIONS, crash_after_checkpoint_2, free_port, subprocess_env
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -48,26 +46,6 @@ COMMON = [
     "half_solved_reward",
 ]
 GLOBAL_BATCH = 16  # rollouts per step: 8 prompts x 2 rollouts, = per_device_train_batch_size x processes
-
-
-def _env():
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        WANDB_DISABLED="true",
-        ACCELERATE_DISABLE_RICH="1",
-    )
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    return env
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(output_dir, launcher=None, *options, launch_options=()):
@@ -90,7 +68,7 @@ def run(output_dir, launcher=None, *options, launch_options=()):
             "--mixed_precision",
             "no",
             "--main_process_port",
-            str(_free_port()),
+            str(free_port()),
             *launch_options,
             WORKER,
             *COMMON,
@@ -98,7 +76,7 @@ def run(output_dir, launcher=None, *options, launch_options=()):
             str(GLOBAL_BATCH // num_processes),
         ]
     command += ["--output_dir", output_dir, *options]
-    process = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    process = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     Path(output_dir, "launch.log").write_text(f"{' '.join(command)}\n{process.stdout}\n{process.stderr}")
     assert process.returncode == 0, f"{' '.join(command)}\n{process.stdout[-3000:]}\n{process.stderr[-6000:]}"
     return [json.loads(Path(output_dir, f"worker_rank{rank}.json").read_text()) for rank in range(num_processes)]
@@ -318,16 +296,14 @@ def train_under_ddp(options, *extra):
         "--mixed_precision",
         "no",
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "hpt_trl.cli",
         "train",
         *options,
         *extra,
     ]
-    env = _env()
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env["PYTHONPATH"]])
-    process = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    process = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert process.returncode == 0, f"{process.stdout[-3000:]}\n{process.stderr[-6000:]}"
 
 

